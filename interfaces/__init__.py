@@ -1,0 +1,1 @@
+"""Nipype interfaces of qsmprep: thin shells over the core functions in ``qsmprep.recon``."""

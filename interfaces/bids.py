@@ -1,0 +1,100 @@
+"""The derivatives sink: copies results to BIDS names with JSON sidecars, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from qsmprep.bids import atomic_write_text, bids_uri, derivative_path
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = traits.Directory(mandatory=True, desc="derivatives dataset root")
+    bids_dir = traits.Directory(mandatory=True, desc="raw dataset root (for Sources URIs)")
+    in_file = InputMultiObject(File(exists=True), mandatory=True, desc="files to write")
+    source_files = traits.List(traits.Str, desc="raw input files this output derives from")
+    entities = traits.Dict(mandatory=True, desc="BIDS entities of the outputs (long names)")
+    suffix = traits.Str(mandatory=True, desc="BIDS suffix, e.g. Chimap")
+    desc = traits.Str(desc="desc entity")
+    echo = traits.List(traits.Int, desc="echo entity per input file")
+    part = traits.Str(desc="part entity")
+    datatype = traits.Str("anat", usedefault=True, desc="BIDS datatype folder")
+    metadata = traits.Dict(desc="sidecar fields")
+    extra_metadata = traits.List(traits.Dict, desc="step provenance dicts merged into the sidecar")
+    file_metadata = traits.List(traits.Dict, desc="sidecar fields specific to each input file")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = OutputMultiObject(File(exists=True), desc="written files")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Write derivatives under BIDS names (temporary file + rename: never half-written)."""
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        echoes = list(inputs.echo) if inputs.echo else [None] * len(inputs.in_file)
+        if len(echoes) != len(inputs.in_file):
+            raise ValueError(f"{len(inputs.in_file)} files but {len(echoes)} echo labels.")
+        metadata = {}
+        for extra in inputs.extra_metadata or []:
+            metadata.update(extra)
+        metadata.update(inputs.metadata or {})
+        metadata = {key: value for key, value in metadata.items() if value is not None}
+        if inputs.source_files:
+            metadata["Sources"] = [bids_uri(p, inputs.bids_dir) for p in inputs.source_files]
+        per_file = list(inputs.file_metadata) if inputs.file_metadata else [{}] * len(echoes)
+        written = []
+        for in_file, echo, specific in zip(inputs.in_file, echoes, per_file):
+            relative = derivative_path(
+                inputs.entities,
+                inputs.suffix,
+                desc=inputs.desc or None,
+                echo=echo,
+                part=inputs.part or None,
+                datatype=inputs.datatype,
+            )
+            out_file = Path(inputs.base_directory) / relative
+            _atomic_copy(in_file, out_file)
+            sidecar = out_file.with_name(out_file.name.split(".")[0] + ".json")
+            atomic_write_text(sidecar, json.dumps({**metadata, **specific}, indent=2,
+                                                  sort_keys=True, default=_jsonable))
+            written.append(str(out_file))
+        self._results["out_file"] = written
+        return runtime
+
+
+def _atomic_copy(source: str, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                   suffix=".tmp")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

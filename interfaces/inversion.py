@@ -1,0 +1,69 @@
+"""Dipole inversion: local field (Hz) -> susceptibility (ppm)."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+
+from qsmprep.recon import inversion
+from qsmprep.recon.dipole import hz_to_ppm
+from qsmprep.references import reference
+
+from .base import geometry, geometry_metadata, load, load_mask, save, threads
+
+
+class _InvertDipoleInputSpec(BaseInterfaceInputSpec):
+    local_field_hz = File(exists=True, mandatory=True, desc="local field (Hz)")
+    mask = File(exists=True, mandatory=True, desc="mask of the local field")
+    magnitude = File(exists=True, desc="magnitude (3D or 4D) for edge/data weights")
+    noise_hz = File(exists=True, desc="field noise (Hz) for the data weight")
+    b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
+    method = traits.Enum("tv", "l2", "tkd", usedefault=True, desc="inversion method")
+    lam = traits.Float(desc="regularisation weight (method default when unset)")
+    tkd_threshold = traits.Float(0.19, usedefault=True, desc="TKD truncation of |D|")
+    num_threads = traits.Int(1, usedefault=True, desc="threads")
+
+
+class _InvertDipoleOutputSpec(TraitedSpec):
+    chi = File(exists=True, desc="susceptibility (ppm), not referenced")
+    metadata = traits.Dict(desc="method and parameters")
+
+
+class InvertDipole(SimpleInterface):
+    """Solve the dipole deconvolution for susceptibility."""
+
+    input_spec = _InvertDipoleInputSpec
+    output_spec = _InvertDipoleOutputSpec
+
+    def _run_interface(self, runtime):
+        local_hz, image = load(self.inputs.local_field_hz)
+        mask = load_mask(self.inputs.mask)
+        voxel_size, direction = geometry(image)
+        method = self.inputs.method
+        params: dict = {}
+        if self.inputs.lam and method in ("tv", "l2"):
+            params["lam"] = float(self.inputs.lam)
+        if method == "tkd":
+            params["threshold"] = float(self.inputs.tkd_threshold)
+        magnitude = noise = None
+        if self.inputs.magnitude:
+            magnitude, _ = load(self.inputs.magnitude)
+            if magnitude.ndim == 4:
+                magnitude = magnitude[..., 0]
+        b0 = self.inputs.b0_tesla
+        if self.inputs.noise_hz:
+            noise_hz, _ = load(self.inputs.noise_hz)
+            noise = hz_to_ppm(noise_hz, b0)
+        with threads(self.inputs.num_threads):
+            chi = inversion.invert(
+                hz_to_ppm(local_hz, b0), mask, voxel_size=voxel_size, b0_direction=direction,
+                method=method, magnitude=magnitude, noise=noise, **params,
+            )
+        self._results["chi"] = save(chi, image, "chi.nii.gz", cwd=runtime.cwd)
+        self._results["metadata"] = {
+            "DipoleInversion": method,
+            "DipoleInversionReference": reference(method),
+            "DipoleInversionParameters": params or "method defaults",
+            "MagneticFieldStrength": b0,
+            **geometry_metadata(image),
+        }
+        return runtime

@@ -1,0 +1,127 @@
+"""Load the echoes of an acquisition: stack to 4D, scale phase to radians, flag bad voxels."""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from qsmprep.recon import phase as phase_core
+
+from .base import save
+
+LOGGER = logging.getLogger("qsmprep")
+
+
+class InputDataError(ValueError):
+    """Input images cannot be used together (the message names the files and the fix)."""
+
+
+class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(File(exists=True), desc="magnitude image per echo")
+    phase_files = InputMultiObject(File(exists=True), desc="phase image per echo")
+    real_files = InputMultiObject(File(exists=True), desc="real part per echo")
+    imag_files = InputMultiObject(File(exists=True), desc="imaginary part per echo")
+    volumes = traits.List(traits.Int, desc="volume index per echo in 4D files (-1: 3D file)")
+    phase_units = traits.Enum("auto", "rad", "arbitrary", usedefault=True,
+                              desc="phase units from the sidecar ('auto': infer from range)")
+
+
+class _LoadEchoesOutputSpec(TraitedSpec):
+    magnitude = File(exists=True, desc="4D magnitude [x, y, z, echo] (float32)")
+    phase = File(desc="4D phase in rad, wrapped to (-pi, pi] (float32)")
+    finite_mask = File(exists=True, desc="voxels finite in every input image")
+    metadata = traits.Dict(desc="what was done (units, rescaling, non-finite voxels)")
+
+
+class LoadEchoes(SimpleInterface):
+    """Stack per-echo images into 4D float32 arrays with phase in radians."""
+
+    input_spec = _LoadEchoesInputSpec
+    output_spec = _LoadEchoesOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        volumes = list(inputs.volumes) if inputs.volumes else None
+        if inputs.real_files and inputs.imag_files:
+            real, reference = _stack(inputs.real_files, volumes)
+            imag, _ = _stack(inputs.imag_files, volumes, like=(reference, inputs.real_files[0]))
+            magnitude, phase, units = np.hypot(real, imag), np.angle(real + 1j * imag), "rad"
+        else:
+            magnitude, reference = _stack(inputs.magnitude_files, volumes)
+            phase, units = None, None
+            if inputs.phase_files:
+                like = (reference, inputs.magnitude_files[0])
+                phase, _ = _stack(inputs.phase_files, volumes, like=like)
+                units = inputs.phase_units
+        finite = phase_core.finite_mask(magnitude, *([] if phase is None else [phase]))
+        bad = int(finite.size - finite.sum())
+        metadata = {"NonFiniteVoxels": bad}
+        if bad:
+            LOGGER.warning("%d voxels hold NaN/Inf values; they are masked out.", bad)
+        magnitude = np.where(finite[..., None], np.abs(np.nan_to_num(magnitude)), 0)
+        if phase is not None:
+            if units == "auto":
+                units = phase_core.infer_units(phase[finite])
+                LOGGER.warning("phase 'Units' missing from the sidecar; inferred '%s' from the "
+                               "value range. Add \"Units\" to the phase sidecars.", units)
+            phase = np.where(finite[..., None], phase_core.to_radians(phase, units), 0)
+            metadata["PhaseUnits"] = units
+            self._results["phase"] = save(phase, reference, "phase.nii.gz", cwd=runtime.cwd)
+        self._results["magnitude"] = save(magnitude, reference, "magnitude.nii.gz",
+                                          cwd=runtime.cwd)
+        self._results["finite_mask"] = save(finite, reference, "finite_mask.nii.gz",
+                                            cwd=runtime.cwd, dtype=np.uint8)
+        self._results["metadata"] = metadata
+        return runtime
+
+
+def _stack(files, volumes, like=None) -> tuple[np.ndarray, nb.Nifti1Image]:
+    """Read one 3D volume per echo into [x, y, z, echo]; checks grids agree."""
+    arrays = []
+    reference = like[0] if like else None
+    reference_file = like[1] if like else files[0]
+    for index, path in enumerate(files):
+        try:
+            image = nb.load(path)
+            shape = image.shape
+        except Exception as error:  # nibabel raises many types for corrupt files
+            raise InputDataError(f"{path}: cannot be read as NIfTI ({error}); re-export it "
+                                 "(e.g. with dcm2niix).") from error
+        volume = volumes[index] if volumes and volumes[index] >= 0 else None
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if volume is None and len(shape) != 3:
+            raise InputDataError(f"{path}: expected a 3D image, found shape {shape}; a 4D "
+                                 "multi-echo file needs a list of EchoTime values in its sidecar.")
+        if volume is not None and (len(shape) != 4 or volume >= shape[3]):
+            raise InputDataError(f"{path}: EchoTime lists {volume + 1}+ echoes but the image "
+                                 f"has shape {shape}.")
+        if min(shape[:3]) < 2:
+            raise InputDataError(f"{path}: shape {shape} is not a 3D volume; QSM needs 3D data.")
+        if reference is None:
+            reference = image
+        elif shape[:3] != reference.shape[:3] or not np.allclose(
+            image.affine, reference.affine, atol=1e-3
+        ):
+            raise InputDataError(
+                f"{path} and {reference_file} have different grids (shape {shape[:3]} vs "
+                f"{reference.shape[:3]} or different affines); all echoes and parts must share "
+                "one voxel grid."
+            )
+        try:
+            data = image.dataobj[..., volume] if volume is not None else image.dataobj
+            arrays.append(np.asarray(data, dtype=np.float32).reshape(shape[:3]))
+        except Exception as error:
+            raise InputDataError(f"{path}: image data cannot be read ({error}); the file is "
+                                 "truncated or corrupt.") from error
+    return np.stack(arrays, axis=-1), reference

@@ -1,0 +1,294 @@
+"""Command-line parser (BIDS-Apps contract plus the nipreps de-facto flags)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import get_args
+
+from qsmprep import __version__
+from qsmprep.config import (
+    BackgroundMethod,
+    Config,
+    ConfigError,
+    FieldmapMethod,
+    InversionMethod,
+    R2starMethod,
+    ReferenceMethod,
+    UnwrapMethod,
+)
+
+EXIT_CODES = {
+    0: "success",
+    1: "at least one participant/acquisition failed (the others completed)",
+    16: "the input dataset failed BIDS validation",
+    18: "the BIDS filters matched no input files",
+    64: "command-line usage error (bad option, path or label)",
+    66: "valid dataset without usable QSM inputs",
+    70: "the workflow could not be built",
+}
+
+EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(64, f"qsmprep: error: {message}\n")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        super().exit(64 if status else 0, message)
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value).expanduser().absolute()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is not an existing directory.")
+    return path
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser().absolute()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"'{value}' is not an existing file.")
+    return path
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser().absolute()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer.") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' must be at least 1.")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number.") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"'{value}' must be positive.")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number.") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"'{value}' must not be negative.")
+    return number
+
+
+def _memory_mb(value: str) -> float:
+    """``--mem``: a size in MB, or with a unit (``16G``, ``16000M``, ``16GB``)."""
+    text = value.strip().upper().removesuffix("B")
+    scale = {"K": 1e-3, "M": 1.0, "G": 1e3, "T": 1e6}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        return _positive_float(number) * (scale or 1.0)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a memory size (e.g. 8000, 8G).")
+
+
+def _label(value: str) -> str:
+    label = value.strip()
+    for prefix in ("sub-", "ses-"):
+        label = label.removeprefix(prefix)
+    if not label.isalnum():
+        raise argparse.ArgumentTypeError(f"'{value}' is not a valid BIDS label (alphanumeric).")
+    return label
+
+
+def _choice(values: tuple[str, ...]):
+    def convert(value: str) -> str:
+        normalised = value.strip().lower().replace("-", "_")
+        if normalised not in values:
+            raise argparse.ArgumentTypeError(
+                f"'{value}' is not one of {', '.join(v.replace('_', '-') for v in values)}."
+            )
+        return normalised
+
+    return convert
+
+
+def _metavar(choices) -> str:
+    return "{" + ",".join(v.replace("_", "-") for v in get_args(choices)) + "}"
+
+
+def _aliases(flag: str) -> list[str]:
+    """A ``--multi-word`` flag and its ``--multi_word`` alias."""
+    return [flag, "--" + flag[2:].replace("-", "_")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The qsmprep argument parser; option ``dest`` names are ``section.key`` of the config."""
+    defaults = Config()
+    wf = defaults.workflow
+    parser = _Parser(
+        prog="qsmprep",
+        description="qsmprep: quantitative susceptibility mapping (QSM) from a BIDS dataset of "
+        "multi-echo gradient-echo MRI, written as a BIDS derivatives dataset.",
+        formatter_class=lambda prog: _Formatter(prog, max_help_position=40),
+        epilog=EPILOG,
+    )
+    parser.add_argument("bids_dir", type=_existing_dir, help="root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=_path, help="root of the derivatives dataset to write")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant' maps susceptibility per acquisition; 'group' "
+                        "computes study statistics from the derivatives")
+    parser.add_argument("--version", action="version", version=f"qsmprep {__version__}")
+    parser.add_argument("-v", "--verbose", dest="execution.verbosity", action="count",
+                        default=0, help="more log output (repeat for more)")
+
+    g = parser.add_argument_group("BIDS filtering")
+    g.add_argument(*_aliases("--participant-label"), dest="execution.participant_label",
+                   nargs="+", type=_label, default=[], metavar="LABEL",
+                   help="participants to process (with or without 'sub-'); default: all")
+    g.add_argument(*_aliases("--session-label"), dest="execution.session_label", nargs="+",
+                   type=_label, default=[], metavar="LABEL", help="sessions to process")
+    g.add_argument(*_aliases("--bids-filter-file"), dest="execution.bids_filter_file",
+                   type=_existing_file, metavar="FILE",
+                   help='JSON entity filters, e.g. {"acquisition": "qsm", "run": null} '
+                   '(null: entity absent, "*": any)')
+    g.add_argument(*_aliases("--bids-database-dir"), dest="execution.bids_database_dir",
+                   type=_path, metavar="DIR", help="reuse/keep the pybids index here")
+    g.add_argument(*_aliases("--skip-bids-validation"), dest="execution.skip_bids_validation",
+                   action="store_true", help="do not validate the input dataset")
+    g.add_argument(*_aliases("--mask-dir"), dest="execution.mask_dir", type=_existing_dir,
+                   metavar="DIR", help="derivatives folder with <entities>_desc-brain_mask "
+                   "images to use instead of computed masks")
+
+    g = parser.add_argument_group("performance")
+    g.add_argument("--nprocs", "--n-cpus", "--n_cpus", "--nthreads", dest="nipype.nprocs",
+                   type=_positive_int, metavar="N", help="CPUs for all processes (default: all)")
+    g.add_argument(*_aliases("--omp-nthreads"), dest="nipype.omp_nthreads", type=_positive_int,
+                   metavar="N", help="threads per process (FFT workers; default: min(N, 8))")
+    g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="nipype.mem_gb", type=_memory_mb,
+                   metavar="SIZE", help="memory limit for scheduling (MB, or 8G)")
+    g.add_argument(*_aliases("--low-mem"), dest="execution.low_mem", action="store_true",
+                   help="trade speed for memory")
+    g.add_argument(*_aliases("--use-plugin"), dest="use_plugin", type=_existing_file,
+                   metavar="FILE", help="nipype plugin settings (TOML/JSON/YAML: plugin, "
+                   "plugin_args), e.g. SLURM or SGE")
+
+    g = parser.add_argument_group("QSM methods")
+    g.add_argument(*_aliases("--config-file"), dest="config_file", type=_existing_file,
+                   metavar="FILE", help="TOML configuration (as written to logs/ by every run); "
+                   "command-line options override it")
+    g.add_argument(*_aliases("--phase-sign"), dest="workflow.phase_sign", type=int,
+                   choices=[1, -1], default=wf.phase_sign,
+                   help="phase convention: +1 if phase = +2*pi*f*TE, -1 for the opposite "
+                   "handedness (a wrong sign flips the susceptibility)")
+    g.add_argument(*_aliases("--b0-tesla"), dest="workflow.b0_tesla", type=_positive_float,
+                   metavar="T", help="main field (T) when sidecars lack ImagingFrequency and "
+                   "MagneticFieldStrength, or to override them")
+    g.add_argument(*_aliases("--mask-threshold"), dest="workflow.mask_threshold",
+                   type=_positive_float, metavar="FRACTION",
+                   help="brain-mask threshold as a fraction of the robust maximum magnitude "
+                   "(default: automatic)")
+    g.add_argument(*_aliases("--mask-erode-mm"), dest="workflow.mask_erode_mm",
+                   type=_non_negative_float, default=wf.mask_erode_mm, metavar="MM",
+                   help="extra erosion of the brain mask")
+    g.add_argument(*_aliases("--fieldmap-method"), dest="workflow.fieldmap_method",
+                   type=_choice(get_args(FieldmapMethod)), metavar=_metavar(FieldmapMethod), default=wf.fieldmap_method,
+                   help="multi-echo field estimation: nlfit (nonlinear complex fit), linear "
+                   "(weighted linear fit of unwrapped phase)")
+    g.add_argument(*_aliases("--unwrap-method"), dest="workflow.unwrap_method",
+                   type=_choice(get_args(UnwrapMethod)), metavar=_metavar(UnwrapMethod), default=wf.unwrap_method,
+                   help="spatial unwrapping: region-growing (quality-guided, exact), "
+                   "laplacian, reliability (scikit-image)")
+    g.add_argument("--bfr-method", "--bfr_method", "--background-method", dest="workflow.bfr_method",
+                   type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,
+                   help="background field removal: vsharp, pdf")
+    g.add_argument(*_aliases("--vsharp-max-radius-mm"), dest="workflow.vsharp_max_radius_mm",
+                   type=_positive_float, default=wf.vsharp_max_radius_mm, metavar="MM",
+                   help="largest V-SHARP kernel radius")
+    g.add_argument(*_aliases("--inversion-method"), dest="workflow.inversion_method",
+                   type=_choice(get_args(InversionMethod)), metavar=_metavar(InversionMethod), default=wf.inversion_method,
+                   help="dipole inversion: tv (weighted total variation, ADMM), l2 "
+                   "(closed-form Tikhonov on the gradient), tkd (truncated k-space division)")
+    g.add_argument("--lambda", "--inversion-lambda", "--inversion_lambda",
+                   dest="workflow.inversion_lambda", type=_positive_float, metavar="LAMBDA",
+                   help="regularisation weight of the inversion (default: the method's "
+                   "measured default)")
+    g.add_argument(*_aliases("--tkd-threshold"), dest="workflow.tkd_threshold",
+                   type=_positive_float, default=wf.tkd_threshold, metavar="DELTA",
+                   help="TKD truncation threshold of |D|")
+    g.add_argument("--reference", dest="workflow.reference",
+                   type=_choice(get_args(ReferenceMethod)), metavar=_metavar(ReferenceMethod), default=wf.reference,
+                   help="susceptibility reference: mean (mask mean = 0), none")
+    g.add_argument(*_aliases("--r2star-method"), dest="workflow.r2star_method",
+                   type=_choice(get_args(R2starMethod)), metavar=_metavar(R2starMethod), default=wf.r2star_method,
+                   help="R2* fit: nlls, loglinear, arlo")
+
+    g = parser.add_argument_group("other options")
+    g.add_argument("-w", "--work-dir", "--work_dir", dest="execution.work_dir", type=_path,
+                   metavar="DIR", help="working directory (intermediate results; reruns "
+                   "resume from it); default: <output_dir>/../qsmprep_work")
+    g.add_argument(*_aliases("--clean-workdir"), dest="execution.clean_workdir",
+                   action="store_true", help="delete the work directory after success")
+    g.add_argument(*_aliases("--write-graph"), dest="execution.write_graph",
+                   action="store_true", help="write the workflow graph (needs graphviz)")
+    g.add_argument(*_aliases("--stop-on-first-crash"), dest="execution.stop_on_first_crash",
+                   action="store_true", help="stop at the first failing step")
+    g.add_argument(*_aliases("--resource-monitor"), dest="execution.resource_monitor",
+                   action="store_true", help="record time and memory of every step")
+    g.add_argument("--notrack", action="store_true", help="no-op: qsmprep never phones home")
+    return parser
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in help (when they say something), and the exit-code table kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [], False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line (and ``--config-file``) into a :class:`Config`."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    config = Config()
+    if namespace.config_file:
+        try:
+            config = Config.from_toml(namespace.config_file)
+        except ConfigError as error:
+            parser.error(str(error))
+        explicit = _explicit_dests(parser, argv)
+    else:
+        explicit = None
+    for dest, value in vars(namespace).items():
+        if "." not in dest or value is None:
+            continue
+        if explicit is not None and dest not in explicit:
+            continue  # the config file wins over a parser default
+        section, key = dest.split(".", 1)
+        setattr(getattr(config, section), key, value)
+    execution = config.execution
+    execution.bids_dir = namespace.bids_dir
+    execution.output_dir = namespace.output_dir
+    execution.analysis_level = namespace.analysis_level
+    return config, namespace
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations given explicitly on the command line (not parser defaults)."""
+    sentinel = object()
+    probe = build_parser()
+    for action in probe._actions:
+        if action.dest not in ("help", "version") and action.option_strings:
+            action.default = sentinel
+    namespace, _ = probe.parse_known_args(argv)
+    return {dest for dest, value in vars(namespace).items() if value is not sentinel}

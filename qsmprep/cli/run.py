@@ -1,0 +1,263 @@
+"""``qsmprep`` entry point: checks, discovery, workflow build and execution, exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # offline always: no telemetry check
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from qsmprep import __version__  # noqa: E402
+from qsmprep.config import Config  # noqa: E402
+
+from .parser import parse_args  # noqa: E402
+
+LOGGER = logging.getLogger("qsmprep")
+
+
+class RunError(Exception):
+    """A run-stopping problem with its exit code (the message says what to fix)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run qsmprep; returns the process exit code."""
+    config, namespace = parse_args(argv)
+    _setup_logging(config.execution.verbosity)
+    try:
+        if config.execution.analysis_level == "group":
+            raise RunError(
+                "the 'group' analysis level (study statistics) is not yet available in "
+                f"qsmprep {__version__}; run 'participant' first.", 64)
+        _check_paths(config)
+        plugin, plugin_args = _plugin_settings(config, namespace.use_plugin)
+        return run_participant(config, plugin, plugin_args)
+    except RunError as error:
+        LOGGER.error("%s", error)
+        return error.exit_code
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity + 1, 2)
+    logging.basicConfig(format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
+                        datefmt="%y%m%d-%H:%M:%S", level=max(level, logging.DEBUG))
+    LOGGER.setLevel(max(level, logging.DEBUG))
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.INFO if verbosity > 1 else logging.WARNING)
+
+
+def _check_paths(config: Config) -> None:
+    execution = config.execution
+    bids_dir = execution.bids_dir.resolve()
+    output_dir = execution.output_dir.resolve()
+    if output_dir == bids_dir:
+        raise RunError("output_dir is the BIDS dataset itself; choose another folder "
+                       f"(e.g. {bids_dir}/derivatives/qsmprep).", 64)
+    if bids_dir in output_dir.parents and (bids_dir / "derivatives") not in (
+        output_dir, *output_dir.parents
+    ):
+        raise RunError(f"output_dir {output_dir} is inside the BIDS dataset; write derivatives "
+                       f"under {bids_dir}/derivatives/ or outside the dataset.", 64)
+    if output_dir in bids_dir.parents:
+        raise RunError(f"output_dir {output_dir} contains the BIDS dataset; choose a folder "
+                       "outside it.", 64)
+    if execution.work_dir is None:
+        execution.work_dir = output_dir.parent / "qsmprep_work"
+    work_dir = execution.work_dir.resolve()
+    if bids_dir == work_dir or bids_dir in work_dir.parents:
+        raise RunError(f"the work dir {work_dir} is inside the BIDS dataset; pass -w with a "
+                       "folder outside it.", 64)
+    for folder, what in ((output_dir, "output_dir"), (work_dir, "work dir")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunError(f"cannot create the {what} {folder}: {error.strerror}.", 64) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RunError(f"the {what} {folder} is not writable; fix its permissions or "
+                           "choose another folder.", 64)
+
+
+def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dict]:
+    """Nipype plugin and its arguments (``--use-plugin`` file, else MultiProc)."""
+    nipype = config.nipype
+    if plugin_file is not None:
+        text = Path(plugin_file).read_text()
+        try:
+            if plugin_file.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif plugin_file.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as error:
+            raise RunError(f"cannot read plugin file {plugin_file}: {error}", 64) from None
+        if not isinstance(data, dict) or "plugin" not in data:
+            raise RunError(f"plugin file {plugin_file} needs a 'plugin' key (e.g. SLURM).", 64)
+        nipype.plugin = str(data["plugin"])
+        nipype.plugin_args = dict(data.get("plugin_args") or {})
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    nipype.nprocs = nipype.nprocs or cpus or 1
+    nipype.omp_nthreads = nipype.omp_nthreads or min(nipype.nprocs, 8)
+    if nipype.omp_nthreads > nipype.nprocs:
+        raise RunError(f"--omp-nthreads {nipype.omp_nthreads} exceeds --nprocs "
+                       f"{nipype.nprocs}.", 64)
+    args = dict(nipype.plugin_args)
+    if nipype.plugin == "MultiProc":
+        args.setdefault("n_procs", nipype.nprocs)
+        if nipype.mem_gb:
+            args.setdefault("memory_gb", nipype.mem_gb / 1000)
+        args.setdefault("raise_insufficient", False)
+    if nipype.plugin in ("SLURM", "SGE"):
+        os.environ.setdefault("LOGNAME", os.environ.get("USER", "qsmprep"))
+    return nipype.plugin, args
+
+
+def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
+    """Discover, build and run; returns the exit code."""
+    from qsmprep import bids
+
+    execution = config.execution
+    if not execution.skip_bids_validation:
+        validate_input(execution.bids_dir)
+    database_dir = execution.bids_database_dir
+    reuse = database_dir is not None and Path(database_dir, "layout_index.sqlite").exists()
+    layout = bids.load_layout(execution.bids_dir,
+                              database_dir=database_dir or execution.work_dir / "bids_db",
+                              reset=not reuse)
+    available = set(layout.get_subjects())
+    missing = sorted(set(execution.participant_label) - available)
+    if missing:
+        raise RunError(f"participant(s) {', '.join('sub-' + m for m in missing)} not found in "
+                       f"{execution.bids_dir}; available: "
+                       f"{', '.join(sorted('sub-' + s for s in available)) or 'none'}.", 64)
+    filters = bids.read_filters(execution.bids_filter_file) if execution.bids_filter_file else {}
+    try:
+        acquisitions = bids.discover(
+            layout,
+            participant_label=execution.participant_label,
+            session_label=execution.session_label,
+            filters=filters,
+            b0_tesla=config.workflow.b0_tesla,
+        )
+    except bids.BIDSInputError as error:
+        raise RunError(str(error), error.exit_code) from None
+    runnable, failed = [], 0
+    shapes: dict[str, tuple[int, ...]] = {}
+    for acquisition in acquisitions:
+        try:
+            shapes[acquisition.name] = bids.image_shape(acquisition)
+        except bids.BIDSInputError as error:
+            acquisition.problems.append(str(error))
+        if acquisition.problems:
+            failed += 1
+            LOGGER.error("cannot process %s:\n  - %s", acquisition.name,
+                         "\n  - ".join(acquisition.problems))
+            continue
+        if not acquisition.has_phase:
+            LOGGER.warning("%s has no phase images: only R2*/T2*/S0 maps and the mask are "
+                           "computed (QSM needs part-phase images).", acquisition.name)
+        runnable.append(acquisition)
+    if not runnable:
+        raise RunError("no acquisition can be processed (see the errors above).",
+                       1 if failed else 66)
+    masks = bids.find_masks(execution.mask_dir, runnable) if execution.mask_dir else {}
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+    output_dir = execution.output_dir
+    bids.write_dataset_files(output_dir, execution.bids_dir)
+    bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml", config.to_toml())
+    try:
+        from qsmprep.workflows.base import init_qsmprep_wf
+
+        _configure_nipype(config, output_dir / "logs" / "crash", run_id)
+        workflow = init_qsmprep_wf(config, runnable, shapes=shapes, provided_masks=masks)
+    except Exception as error:  # any failure to build is exit 70
+        LOGGER.exception("the workflow could not be built")
+        raise RunError(f"the workflow could not be built: {error}", 70) from None
+    if execution.write_graph:
+        try:
+            workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
+        except Exception as error:  # graphviz missing is not fatal
+            LOGGER.warning("could not write the workflow graph: %s", error)
+    LOGGER.info("processing %d acquisition(s) with %s (%s)", len(runnable), plugin, plugin_args)
+    start = time.monotonic()
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as error:  # nipype raises after running every node it could
+        LOGGER.error("some steps failed (%s); crash files are in %s. Outputs of the other "
+                     "acquisitions were written.", error, output_dir / "logs" / "crash")
+        return 1
+    LOGGER.info("finished in %.1f s; outputs in %s", time.monotonic() - start, output_dir)
+    if execution.clean_workdir and not failed:
+        shutil.rmtree(execution.work_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _configure_nipype(config: Config, crash_dir: Path, run_id: str) -> None:
+    from nipype import config as nipype_config
+
+    nipype_config.update_config({
+        "execution": {
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": config.execution.stop_on_first_crash,
+            "remove_unnecessary_outputs": False,
+            "hash_method": "content",
+            "check_version": False,
+        },
+        "monitoring": {"enabled": config.execution.resource_monitor},
+        "logging": {"workflow_level": "INFO" if config.execution.verbosity > 1 else "WARNING"},
+    })
+    if config.execution.resource_monitor:
+        nipype_config.enable_resource_monitor()
+
+
+def validate_input(bids_dir: Path) -> None:
+    """Run ``bids-validator-deno`` on the input; exit 16 on errors (skipped if absent)."""
+    executable = shutil.which("bids-validator-deno")
+    if executable is None:
+        LOGGER.warning("bids-validator-deno is not installed: the input is not validated "
+                       "(pip install bids-validator-deno).")
+        return
+    command = [executable, str(bids_dir), "--ignoreWarnings", "--json"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        LOGGER.warning("could not run the BIDS validator (%s); continuing.", error)
+        return
+    if result.returncode == 0:
+        return
+    issues = _validator_errors(result.stdout)
+    raise RunError(f"{bids_dir} is not a valid BIDS dataset:\n  - " + "\n  - ".join(issues)
+                   + "\nFix these, or pass --skip-bids-validation.", 16)
+
+
+def _validator_errors(output: str, limit: int = 10) -> list[str]:
+    try:
+        issues = json.loads(output)["issues"]["issues"]
+    except (ValueError, KeyError, TypeError):
+        return [output.strip()[-2000:] or "the validator reported errors"]
+    errors = [i for i in issues if i.get("severity") == "error"]
+    lines = [f"{i.get('code')}: {i.get('location', '')} {i.get('issueMessage') or ''}".strip()
+             for i in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more")
+    return lines or ["the validator reported errors"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

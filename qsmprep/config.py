@@ -1,0 +1,184 @@
+"""One typed configuration for a qsmprep run, with a TOML round trip.
+
+The configuration has three sections: ``execution`` (what to process and where), ``nipype``
+(how to run it) and ``workflow`` (which QSM method runs at each step, with its parameters).
+It is saved as ``logs/config-<run>.toml`` with every run so the run can be reproduced with
+``qsmprep ... --config-file``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+FieldmapMethod = Literal["nlfit", "linear"]
+UnwrapMethod = Literal["region_growing", "laplacian", "reliability"]
+BackgroundMethod = Literal["vsharp", "pdf"]
+InversionMethod = Literal["tv", "l2", "tkd"]
+ReferenceMethod = Literal["mean", "none"]
+R2starMethod = Literal["loglinear", "arlo", "nlls"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid (the message names it)."""
+
+
+@dataclass
+class ExecutionConfig:
+    """Inputs, outputs and BIDS filtering."""
+
+    bids_dir: Path | None = None
+    output_dir: Path | None = None
+    analysis_level: Literal["participant", "group"] = "participant"
+    work_dir: Path | None = None
+    participant_label: list[str] = field(default_factory=list)
+    session_label: list[str] = field(default_factory=list)
+    bids_filter_file: Path | None = None
+    bids_database_dir: Path | None = None
+    mask_dir: Path | None = None
+    skip_bids_validation: bool = False
+    clean_workdir: bool = False
+    write_graph: bool = False
+    stop_on_first_crash: bool = False
+    resource_monitor: bool = False
+    low_mem: bool = False
+    verbosity: int = 0
+
+
+@dataclass
+class NipypeConfig:
+    """Execution plugin and resources."""
+
+    nprocs: int = 0  # 0: all available CPUs
+    omp_nthreads: int = 0  # 0: min(nprocs, 8)
+    mem_gb: float | None = None
+    plugin: str = "MultiProc"
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkflowConfig:
+    """QSM method per step and its parameters (defaults: the measured best combination)."""
+
+    phase_sign: Literal[1, -1] = 1
+    b0_tesla: float | None = None
+    mask_threshold: float | None = None
+    mask_erode_mm: float = 0.0
+    fieldmap_method: FieldmapMethod = "nlfit"
+    unwrap_method: UnwrapMethod = "region_growing"
+    bfr_method: BackgroundMethod = "vsharp"
+    vsharp_max_radius_mm: float = 12.0
+    inversion_method: InversionMethod = "tv"
+    inversion_lambda: float | None = None
+    tkd_threshold: float = 0.19
+    reference: ReferenceMethod = "mean"
+    r2star_method: R2starMethod = "nlls"
+
+
+@dataclass
+class Config:
+    """A complete run configuration."""
+
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    nipype: NipypeConfig = field(default_factory=NipypeConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain TOML-ready dict (paths as strings, unset values omitted)."""
+        return {
+            section.name: _plain(dataclasses.asdict(getattr(self, section.name)))
+            for section in dataclasses.fields(self)
+        }
+
+    def to_toml(self) -> str:
+        """Serialise to TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "configuration") -> Config:
+        """Build from a nested dict, validating every key and value."""
+        config = cls()
+        for section_name, values in data.items():
+            if section_name not in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(
+                    f"{source}: unknown section [{section_name}]; "
+                    "valid sections are [execution], [nipype] and [workflow]."
+                )
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{section_name}] must be a table of key = value.")
+            section = getattr(config, section_name)
+            for key, value in values.items():
+                set_value(section, key, value, source=f"{source} [{section_name}]")
+        return config
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Config:
+        """Read a TOML file written by :meth:`to_toml` (or by hand)."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from error
+        return cls.from_dict(data, source=str(path))
+
+
+def set_value(section: Any, key: str, value: Any, *, source: str = "configuration") -> None:
+    """Set ``section.key = value`` after checking the key exists and the value's type."""
+    hints = get_type_hints(type(section))
+    key = key.replace("-", "_")
+    if key not in hints:
+        valid = ", ".join(sorted(hints))
+        raise ConfigError(f"{source}: unknown key '{key}'. Valid keys: {valid}.")
+    setattr(section, key, _coerce(hints[key], value, f"{source} '{key}'"))
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check/convert ``value`` against a (simple) type hint."""
+    origin, args = get_origin(hint), get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: a value is required.")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}.")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if hint is Path:
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return hint(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        return [str(v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}.")
+        return dict(value)
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` (TOML has no null) and stringify paths."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out

@@ -1,0 +1,1 @@
+"""Nipype workflows of qsmprep: wiring only (no numerics, no path surgery)."""

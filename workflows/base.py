@@ -1,0 +1,92 @@
+"""The top-level workflow: one QSM sub-workflow (and its sinks) per acquisition."""
+
+from __future__ import annotations
+
+import re
+
+from nipype.pipeline import engine as pe
+
+from qsmprep.bids import Acquisition
+from qsmprep.config import Config
+
+from .outputs import init_ds_qsm_wf
+from .qsm import OUTPUT_FIELDS, init_qsm_wf
+
+#: Bytes per voxel and echo held at once by the heaviest step (complex fits, padded FFTs).
+BYTES_PER_VOXEL_ECHO = 48
+
+
+def init_qsmprep_wf(
+    config: Config,
+    acquisitions: list[Acquisition],
+    *,
+    shapes: dict[str, tuple[int, ...]],
+    provided_masks: dict[str, str] | None = None,
+    name: str = "qsmprep_wf",
+) -> pe.Workflow:
+    """Workflow over all acquisitions; ``shapes`` maps acquisition names to image shapes."""
+    workflow = pe.Workflow(name=name)
+    workflow.base_dir = str(config.execution.work_dir)
+    provided_masks = provided_masks or {}
+    omp_nthreads = config.nipype.omp_nthreads
+    for acquisition in acquisitions:
+        workflow.add_nodes([init_single_acquisition_wf(
+            config, acquisition,
+            shape=shapes[acquisition.name],
+            provided_mask=provided_masks.get(acquisition.name),
+            omp_nthreads=omp_nthreads,
+        )])
+    return workflow
+
+
+def init_single_acquisition_wf(
+    config: Config,
+    acquisition: Acquisition,
+    *,
+    shape: tuple[int, ...],
+    provided_mask: str | None,
+    omp_nthreads: int,
+) -> pe.Workflow:
+    """QSM and output workflows of one acquisition, connected."""
+    name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
+    workflow = pe.Workflow(name=name)
+    voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
+    mem_gb = max(0.2, voxels * max(len(acquisition.echoes), 1) * BYTES_PER_VOXEL_ECHO / 1e9)
+    if config.execution.low_mem:
+        mem_gb /= 2
+    qsm_wf = init_qsm_wf(
+        echo_times=acquisition.echo_times,
+        b0_tesla=acquisition.b0_tesla,
+        has_phase=acquisition.has_phase,
+        phase_units=acquisition.phase_units or "auto",
+        options=config.workflow,
+        omp_nthreads=omp_nthreads,
+        mem_gb=mem_gb,
+    )
+    inputnode = qsm_wf.get_node("inputnode")
+    echoes = acquisition.echoes
+    inputnode.inputs.magnitude_files = [e.magnitude for e in echoes if e.magnitude]
+    inputnode.inputs.phase_files = [e.phase for e in echoes if e.phase]
+    inputnode.inputs.real_files = [e.real for e in echoes if e.real]
+    inputnode.inputs.imag_files = [e.imag for e in echoes if e.imag]
+    inputnode.inputs.volumes = [-1 if e.volume is None else e.volume for e in echoes]
+    if provided_mask:
+        inputnode.inputs.provided_mask = provided_mask
+    ds_wf = init_ds_qsm_wf(
+        output_dir=str(config.execution.output_dir),
+        bids_dir=str(config.execution.bids_dir),
+        entities=acquisition.output_entities,
+        source_files=acquisition.source_files,
+        echo_numbers=[e.number for e in echoes],
+        echo_times=acquisition.echo_times,
+        b0_tesla=acquisition.b0_tesla,
+        has_phase=acquisition.has_phase,
+        options=config.workflow,
+    )
+    fields = [f for f in OUTPUT_FIELDS if acquisition.has_phase or f in _MAG_ONLY]
+    workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
+    return workflow
+
+
+_MAG_ONLY = {"magnitude", "mask", "r2star", "t2star", "s0", "r2star_metadata",
+             "mask_metadata", "load_metadata"}

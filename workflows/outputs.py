@@ -1,0 +1,105 @@
+"""Writing the derivatives of one acquisition (the only place where outputs are written)."""
+
+from __future__ import annotations
+
+from nipype.interfaces.utility import IdentityInterface, Merge
+from nipype.pipeline import engine as pe
+
+from qsmprep.config import WorkflowConfig
+from qsmprep.interfaces.bids import DerivativesDataSink
+from qsmprep.references import reference
+
+from .qsm import OUTPUT_FIELDS
+
+
+def init_ds_qsm_wf(
+    *,
+    output_dir: str,
+    bids_dir: str,
+    entities: dict[str, str],
+    source_files: list[str],
+    echo_numbers: list[int],
+    echo_times: list[float],
+    b0_tesla: float,
+    has_phase: bool,
+    options: WorkflowConfig,
+    name: str = "ds_qsm_wf",
+) -> pe.Workflow:
+    """Sinks for every product of :func:`qsmprep.workflows.qsm.init_qsm_wf`."""
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="inputnode")
+    common = {"base_directory": output_dir, "bids_dir": bids_dir, "entities": entities,
+              "source_files": source_files}
+    acquisition = {"EchoTime": echo_times, "MagneticFieldStrength": round(b0_tesla, 6)}
+
+    def sink(node_name: str, suffix: str, fields: list[str], **kwargs) -> pe.Node:
+        node = pe.Node(DerivativesDataSink(suffix=suffix, **common, **kwargs),
+                       name=node_name, run_without_submitting=True, mem_gb=0.1)
+        merge = pe.Node(Merge(len(fields)), name=f"{node_name}_metadata",
+                        run_without_submitting=True)
+        for index, field in enumerate(fields, start=1):
+            workflow.connect(inputnode, field, merge, f"in{index}")
+        workflow.connect(merge, "out", node, "extra_metadata")
+        return node
+
+    ds_mask = sink("ds_mask", "mask", ["mask_metadata"], desc="brain")
+    ds_r2star = sink("ds_r2star", "R2starmap", ["r2star_metadata"], metadata={
+        "Units": "1/s", "SkullStripped": True,
+        "Description": "Transverse relaxation rate R2* from the multi-echo magnitude.",
+        **acquisition})
+    ds_t2star = sink("ds_t2star", "T2starmap", ["r2star_metadata"], metadata={
+        "Units": "s", "SkullStripped": True, "Description": "T2* = 1/R2*.", **acquisition})
+    ds_s0 = sink("ds_s0", "S0map", ["r2star_metadata"], metadata={
+        "Units": "arbitrary", "SkullStripped": True,
+        "Description": "Magnitude extrapolated to TE = 0 by the R2* fit.", **acquisition})
+    workflow.connect([
+        (inputnode, ds_mask, [("mask", "in_file")]),
+        (inputnode, ds_r2star, [("r2star", "in_file")]),
+        (inputnode, ds_t2star, [("t2star", "in_file")]),
+        (inputnode, ds_s0, [("s0", "in_file")]),
+    ])
+    if not has_phase:
+        return workflow
+
+    steps = (options.fieldmap_method, options.unwrap_method, options.bfr_method,
+             options.inversion_method)
+    field_fields = ["load_metadata", "field_metadata"]
+    ds_field = sink("ds_fieldmap", "fieldmap", field_fields, datatype="fmap", desc="total",
+                    metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                              "Description": "Total field (B0 inhomogeneity) from a multi-echo "
+                              "fit of the phase, spatially unwrapped, inside the brain mask."})
+    ds_field_mag = sink("ds_fieldmap_magnitude", "magnitude", ["load_metadata"],
+                        datatype="fmap", desc="total",
+                        metadata={"SkullStripped": False, "EchoTime": echo_times[0],
+                                  "Description": "First-echo magnitude of the field map."})
+    ds_unwrapped = sink("ds_unwrapped_phase", "MEGRE", field_fields, desc="unwrapped",
+                        part="phase", echo=echo_numbers,
+                        file_metadata=[{"EchoTime": te} for te in echo_times],
+                        metadata={"Units": "rad", "SkullStripped": True,
+                                  "MagneticFieldStrength": round(b0_tesla, 6),
+                                  "Description": "Spatially unwrapped phase (exact 2 pi "
+                                  "multiples of the input where the unwrapper guarantees it)."})
+    ds_local = sink("ds_local_field", "localfield", field_fields + ["bfr_metadata"],
+                    metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                              "Description": "Local (tissue) field after background field "
+                              "removal."})
+    ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
+                       metadata={"Type": "Brain", "Description": "Mask on which the local "
+                                 "field and susceptibility are valid (eroded by background "
+                                 "field removal)."})
+    ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
+                                                         "reference_metadata"],
+                  metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
+                            "Description": "Magnetic susceptibility (ppm).",
+                            "EstimationAlgorithm": " -> ".join(steps),
+                            "EstimationReference": " ".join(reference(s) for s in steps),
+                            "RegularizationParameter": options.inversion_lambda})
+    workflow.connect([
+        (inputnode, ds_field, [("field_hz", "in_file")]),
+        (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),
+        (inputnode, ds_unwrapped, [("unwrapped_phase", "in_file")]),
+        (inputnode, ds_local, [("local_field_hz", "in_file")]),
+        (inputnode, ds_qsm_mask, [("eroded_mask", "in_file")]),
+        (inputnode, ds_chi, [("chi", "in_file")]),
+    ])
+    return workflow

@@ -1,0 +1,116 @@
+"""The per-acquisition QSM workflow: echoes -> mask -> field -> local field -> chi, and R2*."""
+
+from __future__ import annotations
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from qsmprep.config import WorkflowConfig
+from qsmprep.interfaces.background import RemoveBackground
+from qsmprep.interfaces.fieldmap import EstimateField
+from qsmprep.interfaces.inversion import InvertDipole
+from qsmprep.interfaces.mask import BrainMask
+from qsmprep.interfaces.phase import LoadEchoes
+from qsmprep.interfaces.reference import ReferenceSusceptibility
+from qsmprep.interfaces.relaxometry import FitR2star
+
+OUTPUT_FIELDS = [
+    "magnitude", "mask", "r2star", "t2star", "s0", "field_hz", "field_magnitude",
+    "unwrapped_phase", "local_field_hz", "eroded_mask", "chi", "field_metadata",
+    "bfr_metadata", "inversion_metadata", "reference_metadata", "r2star_metadata",
+    "mask_metadata", "load_metadata",
+]
+
+
+def init_qsm_wf(
+    *,
+    echo_times: list[float],
+    b0_tesla: float,
+    has_phase: bool,
+    phase_units: str,
+    options: WorkflowConfig,
+    omp_nthreads: int,
+    mem_gb: float,
+    name: str = "qsm_wf",
+) -> pe.Workflow:
+    """Build the QSM workflow of one acquisition.
+
+    Inputs (``inputnode``): ``magnitude_files``, ``phase_files``, ``real_files``,
+    ``imag_files``, ``volumes``, ``provided_mask``. Outputs: see ``OUTPUT_FIELDS``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(fields=["magnitude_files", "phase_files", "real_files",
+                                  "imag_files", "volumes", "provided_mask"]),
+        name="inputnode",
+    )
+    outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
+
+    load = pe.Node(LoadEchoes(phase_units=phase_units or "auto"), name="load_echoes",
+                   mem_gb=mem_gb)
+    mask = pe.Node(BrainMask(erode_mm=options.mask_erode_mm), name="brain_mask",
+                   mem_gb=mem_gb)
+    if options.mask_threshold is not None:
+        mask.inputs.threshold = options.mask_threshold
+    r2star = pe.Node(
+        FitR2star(echo_times=echo_times, method=options.r2star_method,
+                  num_threads=omp_nthreads),
+        name="fit_r2star", n_procs=omp_nthreads, mem_gb=mem_gb,
+    )
+    workflow.connect([
+        (inputnode, load, [("magnitude_files", "magnitude_files"),
+                           ("phase_files", "phase_files"),
+                           ("real_files", "real_files"),
+                           ("imag_files", "imag_files"),
+                           ("volumes", "volumes")]),
+        (inputnode, mask, [("provided_mask", "provided_mask")]),
+        (load, mask, [("magnitude", "magnitude"), ("finite_mask", "finite_mask")]),
+        (load, r2star, [("magnitude", "magnitude")]),
+        (mask, r2star, [("mask", "mask")]),
+        (load, outputnode, [("magnitude", "magnitude"), ("metadata", "load_metadata")]),
+        (mask, outputnode, [("mask", "mask"), ("metadata", "mask_metadata")]),
+        (r2star, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
+                              ("metadata", "r2star_metadata")]),
+    ])
+    if not has_phase:
+        return workflow
+
+    field = pe.Node(
+        EstimateField(echo_times=echo_times, method=options.fieldmap_method,
+                      unwrap_method=options.unwrap_method, phase_sign=options.phase_sign,
+                      num_threads=omp_nthreads),
+        name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
+    )
+    bfr = pe.Node(
+        RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
+                         vsharp_max_radius_mm=options.vsharp_max_radius_mm,
+                         num_threads=omp_nthreads),
+        name="remove_background", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
+    )
+    invert = pe.Node(
+        InvertDipole(b0_tesla=b0_tesla, method=options.inversion_method,
+                     tkd_threshold=options.tkd_threshold, num_threads=omp_nthreads),
+        name="invert_dipole", n_procs=omp_nthreads, mem_gb=mem_gb * 3,
+    )
+    if options.inversion_lambda is not None:
+        invert.inputs.lam = options.inversion_lambda
+    reference = pe.Node(ReferenceSusceptibility(method=options.reference),
+                        name="reference_chi", mem_gb=mem_gb)
+    workflow.connect([
+        (load, field, [("magnitude", "magnitude"), ("phase", "phase")]),
+        (mask, field, [("mask", "mask")]),
+        (field, bfr, [("field_hz", "field_hz"), ("noise_hz", "noise_hz")]),
+        (mask, bfr, [("mask", "mask")]),
+        (bfr, invert, [("local_field_hz", "local_field_hz"), ("mask", "mask")]),
+        (field, invert, [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]),
+        (invert, reference, [("chi", "chi")]),
+        (bfr, reference, [("mask", "mask")]),
+        (field, outputnode, [("field_hz", "field_hz"), ("magnitude", "field_magnitude"),
+                             ("unwrapped_phase", "unwrapped_phase"),
+                             ("metadata", "field_metadata")]),
+        (bfr, outputnode, [("local_field_hz", "local_field_hz"), ("mask", "eroded_mask"),
+                           ("metadata", "bfr_metadata")]),
+        (invert, outputnode, [("metadata", "inversion_metadata")]),
+        (reference, outputnode, [("chi", "chi"), ("metadata", "reference_metadata")]),
+    ])
+    return workflow
