@@ -396,6 +396,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+README_TEXT = """# qsmprep derivatives
+
+Quantitative susceptibility maps and by-products computed by qsmprep {version} from the BIDS
+dataset at {source}. Every image has a JSON sidecar naming its units, sources, and the methods
+and parameters that made it; `logs/config-*.toml` holds the configuration of each run.
+"""
+
 BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisemap.*")
 
 
@@ -426,6 +433,9 @@ def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
         "License": raw_description.get("License", "n/a"),
     }
     atomic_write_text(Path(output_dir) / "dataset_description.json", json.dumps(description, indent=2))
+    readme = Path(output_dir) / "README.md"
+    if not readme.exists():
+        atomic_write_text(readme, README_TEXT.format(version=__version__, source=source))
     ignore_file = Path(output_dir) / ".bidsignore"
     existing = ignore_file.read_text().split() if ignore_file.exists() else []
     lines = list(dict.fromkeys([*existing, *BIDSIGNORE]))

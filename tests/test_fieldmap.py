@@ -1,0 +1,195 @@
+"""Multi-echo field estimation (qsmprep.recon.fieldmap) against a known field."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from qsmprep.recon import fieldmap
+from qsmprep.recon.phase import to_radians, wrap
+from qsmprep.recon.unwrap import discrete_laplacian
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TWO_PI = 2 * np.pi
+
+
+def simulate(shape=(56, 56, 48), echo_times=(0.003, 0.007, 0.012, 0.018, 0.025), snr=50.0,
+             field_scale=250.0, offset_scale=1.0, r2star=20.0, seed=0):
+    """Complex multi-echo signal with a known field (Hz, wrapping several times) and offset.
+
+    SNR = signal / sigma at echo 1, sigma the standard deviation of each of the real and
+    imaginary parts of the complex noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = (x / 0.85) ** 2 + (y / 0.9) ** 2 + (z / 0.8) ** 2 < 1
+    field = field_scale * (0.8 * x + 0.3 * y * z + 0.4 * (x**2 - 0.3) + 0.2 * np.sin(3 * y))
+    field = (field - field[mask].mean()).astype(np.float32)
+    offset = (offset_scale * (0.6 * x - 0.4 * y**2 + 0.25 * z) + 0.3).astype(np.float32)
+    rho = (1.0 + 0.3 * np.cos(2 * x) * np.sin(2 * z)) * mask + 0.02
+    times = np.asarray(echo_times)
+    signal = rho[..., None] * np.exp(-r2star * times) * np.exp(
+        1j * (offset[..., None] + TWO_PI * field[..., None] * times))
+    sigma = np.mean(rho[mask]) * np.exp(-r2star * times[0]) / snr
+    signal = signal + sigma * (rng.normal(size=signal.shape) + 1j * rng.normal(size=signal.shape))
+    return (np.abs(signal).astype(np.float32), np.angle(signal).astype(np.float32), times, mask,
+            field, offset)
+
+
+def rmse(a, b, mask):
+    return float(np.sqrt(np.mean((a - b)[mask] ** 2)))
+
+
+@pytest.mark.parametrize("echo_times", [(0.003, 0.007, 0.012, 0.018, 0.025),
+                                         (0.004, 0.008, 0.012, 0.016)])
+def test_nlfit_recovers_wrapping_field(echo_times):
+    magnitude, phase, times, mask, field, offset = simulate(echo_times=echo_times)
+    delta = times[1] - times[0]
+    assert np.abs(field[mask]).max() > 1 / (2 * delta)  # aliases in time and wraps in space
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1))
+    assert result.field_hz.dtype == np.float32 and result.noise_hz.dtype == np.float32
+    error = result.field_hz - field
+    assert rmse(result.field_hz, field, mask) < 0.5
+    assert np.all(result.field_hz[~mask] == 0)
+    # noise map: finite, calibrated within a factor 1.5 of the empirical error
+    assert np.isfinite(result.noise_hz[mask]).all() and (result.noise_hz[mask] > 0).all()
+    z = error[mask] / result.noise_hz[mask]
+    assert 1 / 1.5 < np.std(z) < 1.5
+    # phase offset
+    assert np.mean(np.abs(wrap(result.phase_offset - offset))[mask]) < 0.05
+    # unwrapped phase: exact multiples of 2 pi of the input, consistent with the fit
+    turns = (result.unwrapped_phase.astype(np.float64) - phase) / TWO_PI
+    assert np.abs(turns - np.round(turns))[mask].max() < 1e-4
+    model = offset[..., None] + TWO_PI * field[..., None] * times
+    assert np.mean(np.abs(result.unwrapped_phase - model)[mask] < np.pi) > 0.999
+    assert np.array_equal(result.unwrapped_phase[~mask], phase[~mask])
+    assert np.allclose(result.echo_times, times)
+
+
+def test_phase_sign_flips_field():
+    magnitude, phase, times, mask, field, _ = simulate(shape=(40, 40, 32), field_scale=60)
+    plus = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1))
+    minus = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                              phase_sign=-1)
+    assert np.allclose(minus.field_hz, -plus.field_hz)
+    assert np.allclose(minus.noise_hz, plus.noise_hz)
+    assert rmse(plus.field_hz, field, mask) < 0.5
+    # conjugated data (opposite handedness) with phase_sign=-1 gives the same field
+    conj = fieldmap.estimate(magnitude, -phase, times, mask, voxel_size=(1, 1, 1),
+                             phase_sign=-1)
+    assert rmse(conj.field_hz, field, mask) < 0.5
+    with pytest.raises(ValueError, match="phase_sign"):
+        fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1), phase_sign=2)
+
+
+def test_nonlinear_fit_outputs():
+    magnitude, phase, times, mask, field, offset = simulate(
+        shape=(40, 40, 32), echo_times=(0.004, 0.008, 0.012, 0.016, 0.020))
+    frequency, p0, noise = fieldmap.nonlinear_fit(magnitude, phase, times, mask)
+    delta = times[1] - times[0]
+    assert np.abs(frequency).max() <= np.pi / delta * (1 + 1e-5)
+    # the wrapped frequency equals the true one modulo 2 pi / dTE
+    alias = wrap((frequency - TWO_PI * field) * delta)
+    assert np.sqrt(np.mean(alias[mask] ** 2)) < TWO_PI * 0.5 * delta
+    assert (noise[mask] > 0).all() and np.all(noise[~mask] == 0)
+    # one echo: frequency = phase / TE, no offset
+    one, p0_one, noise_one = fieldmap.nonlinear_fit(magnitude[..., :1], phase[..., :1],
+                                                    times[:1], mask)
+    assert np.allclose(one[mask], phase[..., 0][mask] / times[0], rtol=1e-5)
+    assert np.all(p0_one == 0) and np.isfinite(noise_one[mask]).all()
+
+
+def test_two_echoes_and_noise_without_residual_dof():
+    magnitude, phase, times, mask, field, _ = simulate(echo_times=(0.004, 0.008),
+                                                       field_scale=150)
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1))
+    assert rmse(result.field_hz, field, mask) < 1.5
+    z = (result.field_hz - field)[mask] / result.noise_hz[mask]
+    assert 1 / 1.5 < np.std(z) < 1.5
+
+
+def test_linear_fit_with_mcpc3ds():
+    magnitude, phase, times, mask, field, offset = simulate(shape=(64, 64, 56),
+                                                            offset_scale=0.5)
+    offset_estimate = fieldmap.mcpc3ds_offset(magnitude, phase, times, mask,
+                                              voxel_size=(1, 1, 1))
+    assert np.mean(np.abs(wrap(offset_estimate - offset))[mask]) < 0.05
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                               method="linear")
+    assert rmse(result.field_hz, field, mask) < 1.0
+    interior = ndimage.binary_erosion(mask, iterations=8)
+    assert rmse(result.field_hz, field, interior) < 0.5
+    turns = (result.unwrapped_phase.astype(np.float64) - phase) / TWO_PI
+    assert np.abs(turns - np.round(turns))[mask].max() < 1e-4
+    # linear_fit alone on the true unwrapped phase
+    unwrapped = offset[..., None] + TWO_PI * field[..., None] * times
+    noisy = unwrapped + wrap(phase - unwrapped)
+    omega, noise = fieldmap.linear_fit(noisy, magnitude, times, mask, phase_offset=offset)
+    assert rmse(omega / TWO_PI, field, mask) < 0.2
+    z = (omega / TWO_PI - field)[mask] / (noise[mask] / TWO_PI)
+    assert 1 / 1.5 < np.std(z) < 1.5
+
+
+@pytest.mark.parametrize("echo_times", [(0.003, 0.007, 0.012, 0.018, 0.025),
+                                         (0.004, 0.008, 0.012, 0.016)])
+def test_laplacian_unwrapping_error_is_harmonic(echo_times):
+    magnitude, phase, times, mask, field, _ = simulate(shape=(48, 48, 40),
+                                                       echo_times=echo_times)
+    exact = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1))
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                               unwrap_method="laplacian")
+    # off by a harmonic function: the Laplacian of the difference vanishes inside
+    interior = ndimage.binary_erosion(mask, iterations=2)
+    residual = discrete_laplacian(result.field_hz - exact.field_hz, (1, 1, 1))[interior]
+    signal = discrete_laplacian(field, (1, 1, 1))[interior]
+    assert np.sqrt(np.mean(residual**2)) < 1e-3 * np.sqrt(np.mean(signal**2))
+    turns = (result.unwrapped_phase.astype(np.float64) - phase) / TWO_PI
+    assert np.abs(turns - np.round(turns))[mask].max() < 1e-4
+
+
+def test_reliability_unwrapping_and_nan_voxels():
+    magnitude, phase, times, mask, field, _ = simulate(shape=(40, 40, 32))
+    phase = phase.copy()
+    phase[20, 20, 16, 2] = np.nan
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                               unwrap_method="reliability")
+    keep = mask.copy()
+    keep[20, 20, 16] = False
+    assert rmse(result.field_hz, field, keep) < 0.5
+    assert result.field_hz[20, 20, 16] == 0 and np.isfinite(result.unwrapped_phase).all()
+
+
+def test_argument_errors():
+    magnitude, phase, times, mask, _, _ = simulate(shape=(12, 12, 10))
+    with pytest.raises(ValueError, match="milliseconds"):
+        fieldmap.estimate(magnitude, phase, times * 1000, mask, voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError, match="increasing"):
+        fieldmap.estimate(magnitude, phase, times[::-1], mask, voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError, match="nlfit"):
+        fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1), method="x")
+    with pytest.raises(ValueError, match="region_growing"):
+        fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                          unwrap_method="x")
+    with pytest.raises(ValueError, match="echo times"):
+        fieldmap.estimate(magnitude, phase, times[:3], mask, voxel_size=(1, 1, 1))
+
+
+def test_real_romeo_small():
+    path = DATA / "megre_small_crops" / "ROMEO_small"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    nib = pytest.importorskip("nibabel")
+    phase = to_radians(np.asarray(nib.load(str(path / "Phase.nii")).dataobj), "arbitrary")
+    magnitude = np.asarray(nib.load(str(path / "Mag.nii")).dataobj, dtype=np.float32)
+    mask = np.ones(phase.shape[:3], bool)
+    times = [0.004, 0.008, 0.012]
+    voxel = (0.46875, 0.46875, 1.0)
+    fits = {m: fieldmap.estimate(magnitude, phase, times, mask, voxel_size=voxel, method=m)
+            for m in ("nlfit", "linear")}
+    for result in fits.values():
+        turns = (result.unwrapped_phase.astype(np.float64) - phase) / TWO_PI
+        assert np.abs(turns - np.round(turns)).max() < 1e-4
+        assert np.isfinite(result.noise_hz).all()
+    # both echo combinations agree on the field (Hz) in most voxels
+    difference = fits["nlfit"].field_hz - fits["linear"].field_hz
+    assert np.median(np.abs(difference - np.median(difference))) < 2.0

@@ -1,0 +1,87 @@
+"""Workflow construction for every method option, and the sink's naming/atomic writes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import get_args
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from qsmprep.bids import Acquisition, Echo
+from qsmprep.config import (
+    BackgroundMethod,
+    Config,
+    FieldmapMethod,
+    InversionMethod,
+    UnwrapMethod,
+)
+from qsmprep.interfaces.bids import DerivativesDataSink
+from qsmprep.workflows.base import init_qsmprep_wf
+
+
+def _acquisition(has_phase: bool = True, session: str | None = None) -> Acquisition:
+    entities = {"subject": "01", **({"session": session} if session else {})}
+    echoes = [Echo(n, 0.005 * n, magnitude=f"/data/m{n}.nii.gz",
+                   phase=f"/data/p{n}.nii.gz" if has_phase else None) for n in (1, 2, 3)]
+    return Acquisition(entities=entities, suffix="MEGRE", echoes=echoes, b0_tesla=2.89,
+                       b0_source="ImagingFrequency", phase_units="arbitrary",
+                       output_entities=dict(entities))
+
+
+@pytest.mark.parametrize(
+    "combo",
+    list(itertools.product(get_args(FieldmapMethod), get_args(UnwrapMethod),
+                           get_args(BackgroundMethod), get_args(InversionMethod))),
+)
+def test_workflow_builds_for_every_method(tmp_path, combo):
+    config = Config()
+    config.execution.work_dir = tmp_path / "work"
+    config.execution.output_dir = tmp_path / "out"
+    config.execution.bids_dir = tmp_path
+    wf_options = config.workflow
+    (wf_options.fieldmap_method, wf_options.unwrap_method, wf_options.bfr_method,
+     wf_options.inversion_method) = combo
+    acquisitions = [_acquisition(), _acquisition(session="2"), _acquisition(has_phase=False,
+                                                                             session="3")]
+    shapes = {a.name: (64, 64, 48) for a in acquisitions}
+    workflow = init_qsmprep_wf(config, acquisitions, shapes=shapes)
+    names = workflow.list_node_names()
+    assert any(n.endswith("invert_dipole") for n in names)
+    assert sum(n.endswith("ds_chimap") for n in names) == 2  # not for magnitude-only
+    assert sum(n.endswith("ds_r2star") for n in names) == 3
+    node = workflow.get_node("sub_01_ses_2_MEGRE_wf.qsm_wf.invert_dipole")
+    assert node.inputs.method == combo[3] and node.inputs.b0_tesla == 2.89
+    assert workflow.get_node("sub_01_ses_2_MEGRE_wf.qsm_wf.estimate_field").inputs.method \
+        == combo[0]
+
+
+def test_sink_names_sidecars_and_atomicity(tmp_path):
+    source = tmp_path / "bids" / "sub-01" / "anat" / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    source.parent.mkdir(parents=True)
+    image = nb.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4))
+    image.to_filename(str(source))
+    files = []
+    for n in (1, 2):
+        path = tmp_path / f"in{n}.nii.gz"
+        image.to_filename(str(path))
+        files.append(str(path))
+    sink = DerivativesDataSink(
+        base_directory=str(tmp_path / "out"), bids_dir=str(tmp_path / "bids"), in_file=files,
+        source_files=[str(source)], entities={"subject": "01"}, suffix="MEGRE",
+        desc="unwrapped", part="phase", echo=[1, 2], metadata={"Units": "rad", "Gone": None},
+        extra_metadata=[{"Step": "a"}], file_metadata=[{"EchoTime": 0.01}, {"EchoTime": 0.02}],
+    )
+    result = sink.run(cwd=str(tmp_path))
+    written = result.outputs.out_file
+    assert [p.split("/")[-1] for p in written] == [
+        "sub-01_echo-1_part-phase_desc-unwrapped_MEGRE.nii.gz",
+        "sub-01_echo-2_part-phase_desc-unwrapped_MEGRE.nii.gz",
+    ]
+    sidecar = json.loads((tmp_path / "out/sub-01/anat/"
+                          "sub-01_echo-2_part-phase_desc-unwrapped_MEGRE.json").read_text())
+    assert sidecar == {"EchoTime": 0.02, "Sources": [
+        "bids:raw:sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"], "Step": "a", "Units": "rad"}
+    assert not list((tmp_path / "out").rglob("*.tmp"))
