@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Regenerate the simulated example datasets in ``bids_examples/``.
+
+    python scripts/make_bids_examples.py [--out bids_examples] [--only brain_megre ...]
+
+Datasets (all from :mod:`qsmprep.simulate`, deterministic for the fixed seeds below):
+
+* ``brain_megre``: one subject, 4 echoes (TE 4/12/20/28 ms, as the QSM challenge 2.0),
+  2 mm isotropic, slab tilted 12 deg about x, Siemens-like "3 T" (simulated B0 2.894 T,
+  ImagingFrequency 123.22 MHz while MagneticFieldStrength says 3), SNR 100, int16 phase in
+  arbitrary units (-4096..4095).
+* ``brain_sessions``: one subject (``--session-subjects 2`` adds sub-02 with 20% more iron
+  in the deep gray nuclei), two sessions (different head orientation) x two runs (separate
+  acquisitions: different noise and phase offsets), 3 echoes (TE 5/12/19 ms), 3 mm
+  isotropic, B0 3.0 T, phase in rad (int16 with scl_slope pi/4096).
+
+Fields are simulated on a field of view holding the whole head and neck and then cropped to
+a slab around the brain; noise is kept in a band around the head (0 beyond) so that the
+whole of ``bids_examples/`` stays below 10 MB.  Each dataset has ground truth in
+``derivatives/groundtruth`` (see its README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qsmprep.simulate.bids import RunSpec, SubjectSpec, write_bids_dataset
+from qsmprep.simulate.phantom import TISSUES, head_phantom
+from qsmprep.simulate.signal import crop_affine, multi_echo_gre, oblique_affine
+
+ECHOES_MEGRE = [0.004, 0.012, 0.020, 0.028]  # the QSM challenge 2.0 echo times
+ECHOES_SESSIONS = [0.005, 0.012, 0.019]
+
+LOGGER = logging.getLogger("qsmprep")
+
+PARTICIPANTS_JSON = {
+    "age": {"Description": "Age of the simulated participant", "Units": "year"},
+    "sex": {"Description": "Sex of the simulated participant",
+            "Levels": {"F": "female", "M": "male"}},
+    "group": {"Description": "Simulation group",
+              "Levels": {"reference": "RC2 deep-gray susceptibility",
+                         "highiron": "deep-gray susceptibility x 1.2"}},
+    "phantom_seed": {"Description": "Seed of qsmprep.simulate.phantom.head_phantom"},
+}
+
+README_MEGRE = """\
+# brain_megre (simulated)
+
+Numerical head phantom (qsmprep.simulate.phantom.head_phantom, seed 1) and a multi-echo
+gradient-echo forward simulation (qsmprep.simulate.signal.multi_echo_gre). Not in-vivo data.
+
+- 1 subject, {n_echoes} echoes, TE = {echo_ms} ms, 2 mm isotropic, {shape} voxels.
+- Slab tilted 12 degrees about the scanner x axis: B0 is oblique in voxel space; read the
+  direction from the NIfTI affine.
+- "3 T" Siemens-like scanner: MagneticFieldStrength 3 but the simulated B0 is 2.894 T
+  (ImagingFrequency 123.22 MHz). Use ImagingFrequency to convert Hz to ppm.
+- SNR 100 (mean brain S0 / noise sigma per real/imaginary channel); smooth transmit/receive
+  phase offset; background field from the air/tissue interfaces, sinuses and ear canals
+  (phase wraps near the skull base); 2nd-order shim over the brain. Fields were simulated on
+  a larger field of view (including the neck and face) and cropped to this slab.
+- Noise in a band of 8 mm around the head; beyond it magnitude and phase are 0
+  (background suppression, keeps the files small).
+- Phase: int16 in [-4096, 4095] for (-pi, pi] (Units "arbitrary"); phase = +2 pi f TE.
+- Ground truth (susceptibility, masks, labels, fields in Hz, R2*, S0): derivatives/groundtruth.
+
+Regenerate with `python scripts/make_bids_examples.py`.
+"""
+
+README_SESSIONS = """\
+# brain_sessions (simulated)
+
+Numerical head phantom(s) (qsmprep.simulate.phantom.head_phantom) and multi-echo
+gradient-echo forward simulations for test-retest designs. Not in-vivo data.
+
+- {subjects}; 2 sessions each with a different head orientation, 2 runs per
+  session (separate acquisitions: different noise and phase offsets).{highiron}
+- {n_echoes} echoes, TE = {echo_ms} ms, 3 mm isotropic, {shape} voxels, B0 3.0 T, SNR 80.
+- Noise in a band of 6 mm around the head, 0 beyond (background suppression).
+- Phase stored as int16 with scl_slope = pi/4096, i.e. it reads as rad (Units "rad");
+  phase = +2 pi f TE.
+- Ground truth per session (shared by its two runs) in derivatives/groundtruth.
+
+Regenerate with `python scripts/make_bids_examples.py`.
+"""
+
+
+def _describe(echo_times, shape) -> dict:
+    return {
+        "n_echoes": len(echo_times),
+        "echo_ms": ", ".join(f"{1000 * t:g}" for t in echo_times),
+        "shape": " x ".join(str(n) for n in shape),
+    }
+
+
+def slab(phantom, *, margin_vox: int = 2, below_brain_mm: float = 8.0) -> tuple[slice, ...]:
+    """Field of view around the head in x/y and from below the brain to the vertex in z."""
+    head = np.nonzero(phantom.labels != 14)
+    brain_z = np.nonzero(phantom.brain_mask.any(axis=(0, 1)))[0]
+    out = []
+    for axis, idx in enumerate(head):
+        lo, hi = int(idx.min()) - margin_vox, int(idx.max()) + 1 + margin_vox
+        if axis == 2:
+            lo = int(brain_z.min()) - int(round(below_brain_mm / phantom.voxel_size[2]))
+        out.append(slice(max(lo, 0), min(hi, phantom.shape[axis])))
+    return tuple(out)
+
+
+def simulate_slab(phantom, angles, *, crop, **kwargs):
+    """Simulate on the full grid (fields include every source) and crop to the slab."""
+    affine, b0_dir = oblique_affine(phantom.voxel_size, angles, shape=phantom.shape)
+    sim = multi_echo_gre(phantom, b0_direction=b0_dir, **kwargs)
+    return phantom.crop(crop), sim.crop(crop), crop_affine(affine, crop)
+
+
+def make_brain_megre(out: Path) -> Path:
+    """Write ``brain_megre`` under ``out``."""
+    voxel = (2.0, 2.0, 2.0)
+    full = head_phantom(voxel_size=voxel, fov_mm=(176.0, 216.0, 192.0), seed=1,
+                        chi_texture_ppm=0.004)
+    phantom, sim, affine = simulate_slab(
+        full, (12.0, 0.0, 0.0), crop=slab(full), echo_times=ECHOES_MEGRE,
+        b0_tesla=2.894, snr=100.0, seed=101,
+    )
+    subject = SubjectSpec("01", [RunSpec(phantom, sim, affine)],
+                          participant={"age": 34, "sex": "F", "group": "reference",
+                                       "phantom_seed": 1})
+    return write_bids_dataset(
+        out / "brain_megre", [subject], name="qsmprep simulated brain MEGRE",
+        readme=README_MEGRE.format(**_describe(ECHOES_MEGRE, phantom.shape)),
+        phase_storage="arbitrary",
+        acquisition_metadata={"MagneticFieldStrength": 3, "RepetitionTime": 0.035,
+                              "FlipAngle": 15},
+        participants_json=PARTICIPANTS_JSON, background_margin_mm=8.0, overwrite=True,
+    )
+
+
+def make_brain_sessions(out: Path, n_subjects: int = 1) -> Path:
+    """Write ``brain_sessions`` (``n_subjects`` = 1 or 2) under ``out``."""
+    if n_subjects not in (1, 2):
+        raise ValueError(f"n_subjects must be 1 or 2, got {n_subjects!r}")
+    voxel = (3.0, 3.0, 3.0)
+    deep_gray = (1, 2, 3, 4, 5, 6)
+    orientations = {"01": (0.0, 0.0, 0.0), "02": (-8.0, 5.0, 0.0)}
+    subjects = []
+    for k, (label, group, age, sex) in enumerate(
+        (("01", "reference", 29, "M"), ("02", "highiron", 61, "F"))[:n_subjects]
+    ):
+        seed = 11 + k
+        overrides = {i: TISSUES[i][1] * 1.2 for i in deep_gray} if group == "highiron" else None
+        full = head_phantom(voxel_size=voxel, fov_mm=(168.0, 204.0, 192.0), seed=seed,
+                            chi_overrides=overrides, chi_texture_ppm=0.004)
+        crop = slab(full)
+        phantom = full.crop(crop)
+        runs = []
+        for s, (session, angles) in enumerate(orientations.items()):
+            for run in (1, 2):
+                _, sim, affine = simulate_slab(
+                    full, angles, crop=crop, echo_times=ECHOES_SESSIONS, b0_tesla=3.0,
+                    snr=80.0, seed=1000 * seed + 10 * s + run,
+                )
+                runs.append(RunSpec(phantom, sim, affine, session=session, run=run))
+        subjects.append(SubjectSpec(label, runs, participant={
+            "age": age, "sex": sex, "group": group, "phantom_seed": seed}))
+    return write_bids_dataset(
+        out / "brain_sessions", subjects, name="qsmprep simulated brain MEGRE sessions",
+        readme=README_SESSIONS.format(
+            subjects="1 subject" if n_subjects == 1 else "2 subjects",
+            **_describe(ECHOES_SESSIONS, phantom.shape),
+            highiron=" sub-02 has 20% more susceptibility in the deep gray nuclei."
+            if n_subjects == 2 else "",
+        ),
+        phase_storage="rad",
+        acquisition_metadata={"MagneticFieldStrength": 3, "RepetitionTime": 0.025,
+                              "FlipAngle": 12},
+        participants_json=PARTICIPANTS_JSON, background_margin_mm=6.0, overwrite=True,
+    )
+
+
+DATASETS = {"brain_megre": make_brain_megre, "brain_sessions": make_brain_sessions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
+                        / "bids_examples", help="output folder")
+    parser.add_argument("--only", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS),
+                        help="datasets to (re)generate")
+    parser.add_argument("--session-subjects", type=int, choices=(1, 2), default=1,
+                        help="subjects in brain_sessions (the committed examples use 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        start = time.perf_counter()
+        if name == "brain_sessions":
+            path = make_brain_sessions(args.out, args.session_subjects)
+        else:
+            path = DATASETS[name](args.out)
+        LOGGER.info("%s: %s in %.1f s", name, path, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
