@@ -6,6 +6,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from qsmprep.recon import background
+from qsmprep.recon import mask as mask_core
 from qsmprep.recon.dipole import hz_to_ppm, ppm_to_hz
 from qsmprep.references import reference
 
@@ -19,6 +20,7 @@ class _RemoveBackgroundInputSpec(BaseInterfaceInputSpec):
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
     method = traits.Enum("vsharp", "pdf", usedefault=True, desc="background removal method")
     vsharp_max_radius_mm = traits.Float(12.0, usedefault=True, desc="largest V-SHARP radius")
+    erode_mm = traits.Float(0.0, usedefault=True, desc="mask erosion before removal (mm)")
     num_threads = traits.Int(1, usedefault=True, desc="threads")
 
 
@@ -38,14 +40,16 @@ class RemoveBackground(SimpleInterface):
         field_hz, image = load(self.inputs.field_hz)
         mask = load_mask(self.inputs.mask)
         voxel_size, direction = geometry(image)
+        if self.inputs.erode_mm > 0:
+            mask = mask_core.erode(mask, self.inputs.erode_mm, voxel_size=voxel_size)
         method = self.inputs.method
         params: dict = {}
         if method == "vsharp":
-            params["radii_mm"] = background.default_radii(voxel_size,
-                                                          self.inputs.vsharp_max_radius_mm)
+            params["radii_mm"] = background._default_radii(np.asarray(voxel_size),
+                                                           self.inputs.vsharp_max_radius_mm)
         if method == "pdf" and self.inputs.noise_hz:
             noise, _ = load(self.inputs.noise_hz)
-            params["weight"] = background.weight_from_noise(noise, mask)
+            params["weight"] = np.where(noise > 0, 1.0 / np.maximum(noise, 1e-12), 0.0)
         b0 = self.inputs.b0_tesla
         with threads(self.inputs.num_threads):
             local_ppm, eroded = background.remove(
@@ -62,6 +66,7 @@ class RemoveBackground(SimpleInterface):
             "BackgroundFieldRemoval": method,
             "BackgroundFieldRemovalReference": reference(method),
             "BackgroundFieldRemovalParameters": shown,
+            "MaskErosionBeforeBackgroundRemoval": self.inputs.erode_mm,
             **geometry_metadata(image),
         }
         return runtime

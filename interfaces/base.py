@@ -51,7 +51,8 @@ def save(
 
 def geometry(image: nb.Nifti1Image) -> tuple[tuple[float, float, float], tuple[float, ...]]:
     """Voxel size (mm) and B0 direction (unit vector in voxel axes) of an image."""
-    voxel_size = tuple(float(v) for v in voxel_size_from_affine(image.affine))
+    # float32 affines of rotated grids give e.g. 1.9999998 mm: round to 0.1 micrometre
+    voxel_size = tuple(round(float(v), 4) for v in voxel_size_from_affine(image.affine))
     direction = tuple(float(v) for v in b0_direction_from_affine(image.affine))
     return voxel_size, direction
 

@@ -83,6 +83,7 @@ def init_qsm_wf(
     )
     bfr = pe.Node(
         RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
+                         erode_mm=options.bfr_erode_mm,
                          vsharp_max_radius_mm=options.vsharp_max_radius_mm,
                          num_threads=omp_nthreads),
         name="remove_background", n_procs=omp_nthreads, mem_gb=mem_gb * 2,

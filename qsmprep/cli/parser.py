@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bfr-method", "--bfr_method", "--background-method", dest="workflow.bfr_method",
                    type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,
                    help="background field removal: vsharp, pdf")
+    g.add_argument(*_aliases("--bfr-erode-mm"), dest="workflow.bfr_erode_mm",
+                   type=_non_negative_float, default=wf.bfr_erode_mm, metavar="MM",
+                   help="erode the brain mask by this much before background field removal: "
+                   "voxels against the skull hold partial-volume bone/air sources and "
+                   "unreliable phase")
     g.add_argument(*_aliases("--vsharp-max-radius-mm"), dest="workflow.vsharp_max_radius_mm",
                    type=_positive_float, default=wf.vsharp_max_radius_mm, metavar="MM",
                    help="largest V-SHARP kernel radius")

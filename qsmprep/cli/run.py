@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity + 1, 2)
-    logging.basicConfig(format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
-                        datefmt="%y%m%d-%H:%M:%S", level=max(level, logging.DEBUG))
-    LOGGER.setLevel(max(level, logging.DEBUG))
+    level = max(logging.WARNING - 10 * min(verbosity + 1, 2), logging.DEBUG)
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s | %(levelname)-7s | %(name)s | %(message)s", "%y%m%d-%H:%M:%S"))
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(level)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).setLevel(logging.INFO if verbosity > 1 else logging.WARNING)
 
@@ -223,6 +226,9 @@ def _configure_nipype(config: Config, crash_dir: Path, run_id: str) -> None:
     })
     if config.execution.resource_monitor:
         nipype_config.enable_resource_monitor()
+    from nipype import logging as nipype_logging
+
+    nipype_logging.update_logging(nipype_config)
 
 
 def validate_input(bids_dir: Path) -> None:

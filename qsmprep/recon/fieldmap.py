@@ -560,6 +560,26 @@ def _consistent_unwrapped_phase(
     return result
 
 
+def inconsistent_voxels(
+    field_hz: np.ndarray, mask: np.ndarray, *, threshold_hz: float
+) -> np.ndarray:
+    """Voxels whose field disagrees with their 3x3x3 neighbourhood, and their neighbours.
+
+    A voxel is flagged when it differs from the median of its neighbourhood (the field
+    outside ``mask`` is extended from the nearest voxel inside) by more than
+    ``threshold_hz``; a quarter of the alias period 1/dTE catches unwrapping slips and
+    voxels next to strong sources (calcifications, air) whose field cannot be trusted.
+    The flags are dilated by one voxel. Used to give such voxels no weight downstream.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    nearest = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    extended = field_hz[tuple(nearest)]
+    residual = np.abs(extended - ndimage.median_filter(extended, size=3))
+    return ndimage.binary_dilation(residual > threshold_hz, mask=mask) & mask
+
+
 def estimate(
     magnitude: np.ndarray,
     phase: np.ndarray,
@@ -668,6 +688,9 @@ def estimate(
     field = (np.float32(phase_sign / _TWO_PI) * p1).astype(np.float32)
     field[~mask] = 0.0
     noise_hz = (noise / np.float32(_TWO_PI)).astype(np.float32)
+    alias_hz = 1.0 / float(times[0] if n_echoes == 1 else times[1] - times[0])
+    suspect = inconsistent_voxels(field, mask, threshold_hz=alias_hz / 4)
+    noise_hz[suspect] = np.maximum(noise_hz[suspect], np.float32(alias_hz))
     noise_hz[~mask] = 0.0
     p0 = np.where(mask, p0, 0).astype(np.float32)
     unwrapped_phase = _consistent_unwrapped_phase(phase, mask, p0, p1, times)
