@@ -32,7 +32,7 @@ DEEP_GRAY = (1, 2, 3, 4, 5, 6, 7)
 METHODS = {
     "fieldmap": ("nlfit", "linear"),
     "unwrap": ("region_growing", "laplacian"),
-    "bfr": ("vsharp", "pdf"),
+    "bfr": ("vsharp", "pdf", "lbv"),
     "inversion": ("tv", "l2", "tkd"),
 }
 

@@ -18,7 +18,8 @@ class _RemoveBackgroundInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
     noise_hz = File(exists=True, desc="field noise (Hz), the data weight of PDF")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
-    method = traits.Enum("vsharp", "pdf", usedefault=True, desc="background removal method")
+    method = traits.Enum("vsharp", "pdf", "lbv", "sharp", usedefault=True,
+                         desc="background removal method")
     vsharp_max_radius_mm = traits.Float(12.0, usedefault=True, desc="largest V-SHARP radius")
     erode_mm = traits.Float(0.0, usedefault=True, desc="mask erosion before removal (mm)")
     num_threads = traits.Int(1, usedefault=True, desc="threads")
@@ -45,11 +46,11 @@ class RemoveBackground(SimpleInterface):
         method = self.inputs.method
         params: dict = {}
         if method == "vsharp":
-            params["radii_mm"] = background._default_radii(np.asarray(voxel_size),
-                                                           self.inputs.vsharp_max_radius_mm)
+            params["radii_mm"] = background.default_radii(voxel_size,
+                                                          self.inputs.vsharp_max_radius_mm)
         if method == "pdf" and self.inputs.noise_hz:
             noise, _ = load(self.inputs.noise_hz)
-            params["weight"] = np.where(noise > 0, 1.0 / np.maximum(noise, 1e-12), 0.0)
+            params["weight"] = background.weight_from_noise(noise, mask)
         b0 = self.inputs.b0_tesla
         with threads(self.inputs.num_threads):
             local_ppm, eroded = background.remove(

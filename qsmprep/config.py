@@ -18,7 +18,7 @@ import tomli_w
 
 FieldmapMethod = Literal["nlfit", "linear"]
 UnwrapMethod = Literal["region_growing", "laplacian", "reliability"]
-BackgroundMethod = Literal["vsharp", "pdf"]
+BackgroundMethod = Literal["vsharp", "pdf", "lbv", "sharp"]
 InversionMethod = Literal["tv", "l2", "tkd"]
 ReferenceMethod = Literal["mean", "none"]
 R2starMethod = Literal["loglinear", "arlo", "nlls"]

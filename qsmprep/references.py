@@ -17,6 +17,10 @@ REFERENCES: dict[str, str] = {
     "sensing. Magn Reson Med 2012;67:137-147.",
     "pdf": "Liu T, et al. A novel background field removal method for MRI using projection onto "
     "dipole fields (PDF). NMR Biomed 2011;24:1129-1136.",
+    "lbv": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the "
+    "Laplacian boundary value problem. NMR Biomed 2014;27:312-319.",
+    "sharp": "Schweser F, et al. Quantitative imaging of intrinsic magnetic tissue properties "
+    "using MRI signal phase. NeuroImage 2011;54:2789-2807.",
     "tkd": "Shmueli K, et al. Magnetic susceptibility mapping of brain tissue in vivo using MRI "
     "phase data. Magn Reson Med 2009;62:1510-1522.",
     "l2": "Bilgic B, et al. Fast image reconstruction with L2-regularization. J Magn Reson "

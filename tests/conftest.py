@@ -22,6 +22,19 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def romeo_small():
+    """The ROMEO 3-echo real GRE crop: (phase rad [x,y,z,3], magnitude) or skip if absent."""
+    import nibabel as nb
+    import numpy as np
+
+    from qsmprep.recon.phase import to_radians
+
+    path = shared_data("megre_small_crops", "ROMEO_small")
+    phase = to_radians(np.asarray(nb.load(str(path / "Phase.nii")).dataobj), "arbitrary")
+    magnitude = np.asarray(nb.load(str(path / "Mag.nii")).dataobj, dtype=np.float32)
+    return phase, magnitude
+
+
 @pytest.fixture
 def examples() -> Path:
     if not (EXAMPLES / "brain_megre").exists():

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import romeo_small
 from scipy import ndimage
 
 from qsmprep.recon import fieldmap
-from qsmprep.recon.phase import to_radians, wrap
+from qsmprep.recon.phase import wrap
 from qsmprep.recon.unwrap import discrete_laplacian
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -175,12 +176,7 @@ def test_argument_errors():
 
 
 def test_real_romeo_small():
-    path = DATA / "megre_small_crops" / "ROMEO_small"
-    if not path.exists():
-        pytest.skip(f"{path} absent")
-    nib = pytest.importorskip("nibabel")
-    phase = to_radians(np.asarray(nib.load(str(path / "Phase.nii")).dataobj), "arbitrary")
-    magnitude = np.asarray(nib.load(str(path / "Mag.nii")).dataobj, dtype=np.float32)
+    phase, magnitude = romeo_small()
     mask = np.ones(phase.shape[:3], bool)
     times = [0.004, 0.008, 0.012]
     voxel = (0.46875, 0.46875, 1.0)

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import romeo_small
 from scipy import ndimage
 
 from qsmprep.recon import unwrap
-from qsmprep.recon.phase import to_radians, wrap
+from qsmprep.recon.phase import wrap
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TWO_PI = 2 * np.pi
@@ -151,12 +152,7 @@ def _jump_fraction(image, mask):
 
 
 def test_real_romeo_small():
-    path = DATA / "megre_small_crops" / "ROMEO_small"
-    if not path.exists():
-        pytest.skip(f"{path} absent")
-    nib = pytest.importorskip("nibabel")
-    phase = to_radians(np.asarray(nib.load(str(path / "Phase.nii")).dataobj), "arbitrary")
-    magnitude = np.asarray(nib.load(str(path / "Mag.nii")).dataobj, dtype=np.float32)
+    phase, magnitude = romeo_small()
     assert phase.shape == (51, 51, 41, 3)
     mask = np.ones(phase.shape[:3], bool)  # the crop is all tissue
     for echo in range(3):

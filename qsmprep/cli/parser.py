@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "laplacian, reliability (scikit-image)")
     g.add_argument("--bfr-method", "--bfr_method", "--background-method", dest="workflow.bfr_method",
                    type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,
-                   help="background field removal: vsharp, pdf")
+                   help="background field removal: vsharp (variable-radius SHARP), pdf "
+                   "(projection onto dipole fields), lbv (Laplacian boundary value), sharp")
     g.add_argument(*_aliases("--bfr-erode-mm"), dest="workflow.bfr_erode_mm",
                    type=_non_negative_float, default=wf.bfr_erode_mm, metavar="MM",
                    help="erode the brain mask by this much before background field removal: "

@@ -150,9 +150,10 @@ def _correction_symbol(shape, voxel_size, coeffs) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _default_radii(voxel_size: np.ndarray, r_max_mm: float = 12.0) -> np.ndarray:
-    """12 mm down to one (largest) voxel edge, in steps of one voxel edge but >= 1 mm."""
-    r_min = float(voxel_size.max())
+def default_radii(voxel_size: Sequence[float], r_max_mm: float = 12.0) -> np.ndarray:
+    """V-SHARP radii (mm): ``r_max_mm`` down to one (largest) voxel edge, in steps of one
+    voxel edge but >= 1 mm."""
+    r_min = float(np.max(voxel_size))
     step = max(r_min, 1.0)
     radii = np.arange(r_max_mm, r_min - 1e-6, -step)
     if radii.size == 0 or radii[-1] > r_min + 1e-6:
@@ -196,7 +197,7 @@ def vsharp(
     """
     field, mask, vox = _check_inputs(field_ppm, mask, voxel_size)
     if radii_mm is None:
-        radii = _default_radii(vox)
+        radii = default_radii(vox)
     else:
         radii = np.unique(np.asarray(radii_mm, dtype=float).ravel())[::-1]
         if radii.size == 0 or np.any(~np.isfinite(radii)) or radii.min() < vox.min():
@@ -288,6 +289,13 @@ def _normalised_weight(weight: np.ndarray | None, mask: np.ndarray) -> np.ndarra
     if mean <= 0:
         raise ValueError("weight is zero everywhere inside the mask")
     return w / mean
+
+
+def weight_from_noise(noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PDF data weight: 1/noise inside ``mask`` (noise in any field unit), 0 elsewhere."""
+    noise = np.asarray(noise, dtype=np.float32)
+    usable = np.asarray(mask, dtype=bool) & np.isfinite(noise) & (noise > 0)
+    return np.where(usable, 1.0 / np.where(usable, noise, 1.0), 0.0).astype(np.float32)
 
 
 def pdf(
