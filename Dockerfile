@@ -10,7 +10,7 @@ COPY qsmprep ./qsmprep
 COPY workflows ./workflows
 COPY interfaces ./interfaces
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[validator]" \
+    && /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/qsmprep --version > /opt/venv/qsmprep-version
 
 FROM python:3.11.11-slim-bookworm

@@ -64,3 +64,25 @@ def test_session_filter_selects_one_unit(broken_copy, tmp_path):
         "sub-01_ses-01_run-1_Chimap.nii.gz", "sub-01_ses-01_run-2_Chimap.nii.gz"]
     sidecar = json.loads((out / "sub-01/ses-01/anat/sub-01_ses-01_run-1_Chimap.json").read_text())
     assert sidecar["DipoleInversion"] == "l2"
+
+
+def test_provided_masks_from_mask_dir(broken_copy, tmp_path):
+    """--mask-dir: <entities>_desc-brain_mask images replace the computed masks."""
+    truth = DATASET / "derivatives" / "groundtruth" / "sub-01" / "ses-01" / "anat"
+    masks = tmp_path / "masks" / "sub-01" / "ses-01" / "anat"
+    masks.mkdir(parents=True)
+    shutil.copyfile(truth / "sub-01_ses-01_desc-brain_mask.nii.gz",
+                    masks / "sub-01_ses-01_run-1_desc-brain_mask.nii.gz")
+    out = tmp_path / "out"
+    code = main([str(broken_copy), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--session-label", "01", "--skip-bids-validation", "--mask-dir",
+                 str(tmp_path / "masks")])
+    assert code == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    provided = json.loads((anat / "sub-01_ses-01_run-1_desc-brain_mask.json").read_text())
+    computed = json.loads((anat / "sub-01_ses-01_run-2_desc-brain_mask.json").read_text())
+    assert provided["Description"] == "Provided mask."
+    assert computed["Description"].startswith("Magnitude-based")
+    written = nb.load(anat / "sub-01_ses-01_run-1_desc-brain_mask.nii.gz").get_fdata() > 0
+    expected = nb.load(truth / "sub-01_ses-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    np.testing.assert_array_equal(written, expected)
