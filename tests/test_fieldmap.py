@@ -189,3 +189,19 @@ def test_real_romeo_small():
     # both echo combinations agree on the field (Hz) in most voxels
     difference = fits["nlfit"].field_hz - fits["linear"].field_hz
     assert np.median(np.abs(difference - np.median(difference))) < 2.0
+
+
+def test_inconsistent_voxels_flags_unwrapping_slips_only():
+    """Alias slips (k/dTE) are flagged with their neighbours; a smooth field is not."""
+    shape = (40, 40, 30)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = x**2 + y**2 + z**2 < 0.8
+    smooth = (60 * x + 40 * y * z + 25 * x**2).astype(np.float32)  # Hz, strong but smooth
+    assert not fieldmap.inconsistent_voxels(smooth, mask, threshold_hz=125 / 4).any()
+    slipped = smooth.copy()
+    slips = [(20, 20, 15), (12, 25, 10), (28, 14, 18)]
+    for index in slips:
+        slipped[index] += 125.0  # one alias period for dTE = 8 ms
+    flagged = fieldmap.inconsistent_voxels(slipped, mask, threshold_hz=125 / 4)
+    assert all(flagged[index] for index in slips)
+    assert flagged.sum() <= len(slips) * 27
