@@ -62,7 +62,7 @@ class InvertDipole(SimpleInterface):
         self._results["metadata"] = {
             "DipoleInversion": method,
             "DipoleInversionReference": reference(method),
-            "DipoleInversionParameters": params or "method defaults",
+            "DipoleInversionParameters": inversion.effective_parameters(method, **params),
             "MagneticFieldStrength": b0,
             **geometry_metadata(image),
         }

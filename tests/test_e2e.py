@@ -60,7 +60,9 @@ def test_brain_example_runs_and_is_valid_bids(brain_run):
     sidecar = json.loads((anat / "sub-01_Chimap.json").read_text())
     assert sidecar["Units"] == "ppm" and sidecar["SkullStripped"] is True
     assert sidecar["Sources"][0].startswith("bids:raw:sub-01/anat/")
-    assert "DipoleInversion" in sidecar and "B0Direction" in sidecar
+    assert sidecar["DipoleInversion"] == "tv" and "B0Direction" in sidecar
+    assert sidecar["DipoleInversionParameters"]["lam"] == pytest.approx(2e-4)
+    assert sidecar["EchoTime"] == pytest.approx([0.004, 0.012, 0.020, 0.028])
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     _validate(out)

@@ -92,8 +92,7 @@ def init_ds_qsm_wf(
                   metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
                             "Description": "Magnetic susceptibility (ppm).",
                             "EstimationAlgorithm": " -> ".join(steps),
-                            "EstimationReference": " ".join(reference(s) for s in steps),
-                            "RegularizationParameter": options.inversion_lambda})
+                            "EstimationReference": " ".join(reference(s) for s in steps)})
     workflow.connect([
         (inputnode, ds_field, [("field_hz", "in_file")]),
         (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),

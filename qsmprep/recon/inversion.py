@@ -564,3 +564,17 @@ def invert(
     return func(
         local_field_ppm, mask, voxel_size=voxel_size, b0_direction=b0_direction, **kwargs
     )
+
+
+def effective_parameters(method: str, **params) -> dict[str, float]:
+    """The scalar parameters ``method`` runs with: its defaults updated by ``params``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown dipole inversion method {method!r}; choose one of "
+                         f"{sorted(METHODS)}")
+    signature = inspect.signature(METHODS[method])
+    values = {name: p.default for name, p in signature.parameters.items()
+              if p.kind is p.KEYWORD_ONLY and isinstance(p.default, (int, float, str))
+              and not isinstance(p.default, bool)}
+    values.update(params)
+    return values
+
