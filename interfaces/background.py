@@ -18,8 +18,8 @@ class _RemoveBackgroundInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
     noise_hz = File(exists=True, desc="field noise (Hz), the data weight of PDF")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
-    method = traits.Enum("vsharp", "pdf", "lbv", "sharp", usedefault=True,
-                         desc="background removal method")
+    method = traits.Str("vsharp", usedefault=True, desc="method (background.METHODS)")
+    params = traits.Dict(desc="further keyword parameters of the method")
     vsharp_max_radius_mm = traits.Float(12.0, usedefault=True, desc="largest V-SHARP radius")
     erode_mm = traits.Float(0.0, usedefault=True, desc="mask erosion before removal (mm)")
     num_threads = traits.Int(1, usedefault=True, desc="threads")
@@ -44,7 +44,7 @@ class RemoveBackground(SimpleInterface):
         if self.inputs.erode_mm > 0:
             mask = mask_core.erode(mask, self.inputs.erode_mm, voxel_size=voxel_size)
         method = self.inputs.method
-        params: dict = {}
+        params: dict = dict(self.inputs.params or {})
         if method == "vsharp":
             params["radii_mm"] = background.default_radii(voxel_size,
                                                           self.inputs.vsharp_max_radius_mm)

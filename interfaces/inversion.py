@@ -17,9 +17,11 @@ class _InvertDipoleInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, desc="magnitude (3D or 4D) for edge/data weights")
     noise_hz = File(exists=True, desc="field noise (Hz) for the data weight")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
-    method = traits.Enum("tv", "l2", "tkd", usedefault=True, desc="inversion method")
+    method = traits.Str("tv", usedefault=True, desc="inversion method (inversion.METHODS)")
     lam = traits.Float(desc="regularisation weight (method default when unset)")
-    tkd_threshold = traits.Float(0.19, usedefault=True, desc="TKD truncation of |D|")
+    lambda_rule = traits.Enum("", "lcurve", "discrepancy", usedefault=True,
+                              desc="choose lam per acquisition with this rule")
+    params = traits.Dict(desc="further keyword parameters of the method")
     num_threads = traits.Int(1, usedefault=True, desc="threads")
 
 
@@ -39,11 +41,9 @@ class InvertDipole(SimpleInterface):
         mask = load_mask(self.inputs.mask)
         voxel_size, direction = geometry(image)
         method = self.inputs.method
-        params: dict = {}
-        if self.inputs.lam and method in ("tv", "l2"):
+        params: dict = dict(self.inputs.params or {})
+        if self.inputs.lam:
             params["lam"] = float(self.inputs.lam)
-        if method == "tkd":
-            params["threshold"] = float(self.inputs.tkd_threshold)
         magnitude = noise = None
         if self.inputs.magnitude:
             magnitude, _ = load(self.inputs.magnitude)
@@ -53,13 +53,27 @@ class InvertDipole(SimpleInterface):
         if self.inputs.noise_hz:
             noise_hz, _ = load(self.inputs.noise_hz)
             noise = hz_to_ppm(noise_hz, b0)
+        local_ppm = hz_to_ppm(local_hz, b0)
+        selection = {}
         with threads(self.inputs.num_threads):
+            if self.inputs.lambda_rule:
+                from qsmprep.recon.inversion import lambda_choice
+
+                choice = lambda_choice.choose(
+                    local_ppm, mask, rule=self.inputs.lambda_rule, voxel_size=voxel_size,
+                    b0_direction=direction, method=method, magnitude=magnitude, noise=noise,
+                    **{k: v for k, v in params.items() if k != "lam"},
+                )
+                params["lam"] = float(choice.lam)
+                selection = {"RegularizationSelection": self.inputs.lambda_rule,
+                             "RegularizationCandidates": [float(v) for v in choice.lambdas]}
             chi = inversion.invert(
-                hz_to_ppm(local_hz, b0), mask, voxel_size=voxel_size, b0_direction=direction,
+                local_ppm, mask, voxel_size=voxel_size, b0_direction=direction,
                 method=method, magnitude=magnitude, noise=noise, **params,
             )
         self._results["chi"] = save(chi, image, "chi.nii.gz", cwd=runtime.cwd)
         self._results["metadata"] = {
+            **selection,
             "DipoleInversion": method,
             "DipoleInversionReference": reference(method),
             "DipoleInversionParameters": inversion.effective_parameters(method, **params),

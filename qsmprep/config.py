@@ -20,7 +20,8 @@ FieldmapMethod = Literal["nlfit", "linear"]
 UnwrapMethod = Literal["region_growing", "laplacian", "reliability"]
 BackgroundMethod = Literal["vsharp", "pdf", "lbv", "sharp"]
 InversionMethod = Literal["tv", "l2", "tkd"]
-ReferenceMethod = Literal["mean", "none"]
+ReferenceMethod = Literal["mean", "csf", "roi", "none"]
+LambdaRule = Literal["lcurve", "discrepancy"]
 R2starMethod = Literal["loglinear", "arlo", "nlls"]
 
 
@@ -76,9 +77,40 @@ class WorkflowConfig:
     vsharp_max_radius_mm: float = 12.0
     inversion_method: InversionMethod = "tv"
     inversion_lambda: float | None = None
-    tkd_threshold: float = 0.19
+    lambda_rule: LambdaRule | None = None
+    inversion_params: dict[str, Any] = field(default_factory=dict)
+    bfr_params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceMethod = "mean"
     r2star_method: R2starMethod = "nlls"
+    swi: bool = False
+    mip_slab_mm: float = 16.0
+
+    def validate(self) -> None:
+        """Check method parameters against the core functions (names the offending key)."""
+        from qsmprep.recon import background, inversion
+
+        for step, registry, method, params in (
+            ("inversion", inversion.METHODS, self.inversion_method, self.inversion_params),
+            ("bfr", background.METHODS, self.bfr_method, self.bfr_params),
+        ):
+            accepted = _keyword_parameters(registry[method])
+            for key in params:
+                if key not in accepted:
+                    raise ConfigError(
+                        f"{step} method '{method}' has no parameter '{key}'; it accepts: "
+                        f"{', '.join(sorted(accepted))}."
+                    )
+
+
+def _keyword_parameters(function) -> set[str]:
+    """Tunable keyword-only parameters of a core method (data arguments excluded)."""
+    import inspect
+
+    fixed = {"voxel_size", "b0_direction", "magnitude", "noise", "weight", "radii_mm"}
+    return {
+        name for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY and name not in fixed
+    }
 
 
 @dataclass
@@ -115,6 +147,7 @@ class Config:
             section = getattr(config, section_name)
             for key, value in values.items():
                 set_value(section, key, value, source=f"{source} [{section_name}]")
+        config.workflow.validate()
         return config
 
     @classmethod

@@ -100,3 +100,23 @@ def test_unknown_participant_and_empty_dataset(dataset, tmp_path, caplog):
                  "--participant-label", "99"]) == 64
     assert "sub-99" in caplog.text
     assert main([str(dataset), str(out), "participant", "--skip-bids-validation"]) == 18
+
+
+def test_method_parameters_and_lambda_auto(dataset, tmp_path, capsys):
+    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
+                            "--inversion-method", "tkd", "--inversion-param", "threshold=0.15",
+                            "--bfr-method", "pdf", "--bfr-param", "tol=1e-4",
+                            "--bfr-param", "max_iter=50"])
+    assert config.workflow.inversion_params == {"threshold": 0.15}
+    assert config.workflow.bfr_params == {"tol": 1e-4, "max_iter": 50}
+    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
+                            "--lambda", "auto"])
+    assert config.workflow.lambda_rule == "lcurve" and config.workflow.inversion_lambda is None
+    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
+                            "--lambda", "auto", "--lambda-rule", "discrepancy"])
+    assert config.workflow.lambda_rule == "discrepancy"
+    with pytest.raises(SystemExit) as stop:
+        parse_args([str(dataset), str(tmp_path / "out"), "participant", "--inversion-method",
+                    "tkd", "--inversion-param", "treshold=0.15"])
+    assert stop.value.code == 64
+    assert "treshold" in capsys.readouterr().err

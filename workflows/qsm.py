@@ -83,17 +83,18 @@ def init_qsm_wf(
     )
     bfr = pe.Node(
         RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
-                         erode_mm=options.bfr_erode_mm,
+                         erode_mm=options.bfr_erode_mm, params=options.bfr_params,
                          vsharp_max_radius_mm=options.vsharp_max_radius_mm,
                          num_threads=omp_nthreads),
         name="remove_background", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
     )
     invert = pe.Node(
         InvertDipole(b0_tesla=b0_tesla, method=options.inversion_method,
-                     tkd_threshold=options.tkd_threshold, num_threads=omp_nthreads),
+                     params=options.inversion_params, lambda_rule=options.lambda_rule or "",
+                     num_threads=omp_nthreads),
         name="invert_dipole", n_procs=omp_nthreads, mem_gb=mem_gb * 3,
     )
-    if options.inversion_lambda is not None:
+    if options.inversion_lambda is not None and not options.lambda_rule:
         invert.inputs.lam = options.inversion_lambda
     reference = pe.Node(ReferenceSusceptibility(method=options.reference),
                         name="reference_chi", mem_gb=mem_gb)

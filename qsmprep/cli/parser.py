@@ -14,6 +14,7 @@ from qsmprep.config import (
     ConfigError,
     FieldmapMethod,
     InversionMethod,
+    LambdaRule,
     R2starMethod,
     ReferenceMethod,
     UnwrapMethod,
@@ -121,6 +122,38 @@ def _choice(values: tuple[str, ...]):
     return convert
 
 
+def _lambda(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    return _positive_float(value)
+
+
+def _key_value(value: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a number, true/false, or text."""
+    key, sep, text = value.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"'{value}' is not KEY=VALUE.")
+    text = text.strip()
+    for convert in (int, float):
+        try:
+            return key, convert(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    return key, {"true": True, "false": False}.get(lowered, text)
+
+
+class _MergeDict(argparse.Action):
+    """Collect repeated KEY=VALUE options into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        key, value = values
+        merged[key] = value
+        setattr(namespace, self.dest, merged)
+
+
 def _metavar(choices) -> str:
     return "{" + ",".join(v.replace("_", "-") for v in get_args(choices)) + "}"
 
@@ -223,19 +256,35 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_choice(get_args(InversionMethod)), metavar=_metavar(InversionMethod), default=wf.inversion_method,
                    help="dipole inversion: tv (weighted total variation, ADMM), l2 "
                    "(closed-form Tikhonov on the gradient), tkd (truncated k-space division)")
-    g.add_argument("--lambda", "--inversion-lambda", "--inversion_lambda",
-                   dest="workflow.inversion_lambda", type=_positive_float, metavar="LAMBDA",
-                   help="regularisation weight of the inversion (default: the method's "
-                   "measured default)")
-    g.add_argument(*_aliases("--tkd-threshold"), dest="workflow.tkd_threshold",
-                   type=_positive_float, default=wf.tkd_threshold, metavar="DELTA",
-                   help="TKD truncation threshold of |D|")
+    g.add_argument("--lambda", "--inversion-lambda", "--inversion_lambda", dest="lambda_value",
+                   type=_lambda, metavar="LAMBDA|auto",
+                   help="regularisation weight of the inversion, or 'auto' to choose it per "
+                   "acquisition (see --lambda-rule); default: the method's measured default")
+    g.add_argument(*_aliases("--lambda-rule"), dest="workflow.lambda_rule",
+                   type=_choice(get_args(LambdaRule)), metavar=_metavar(LambdaRule),
+                   help="rule of --lambda auto: lcurve (maximum curvature) or discrepancy "
+                   "(residual = noise level); default with auto: lcurve")
+    g.add_argument(*_aliases("--inversion-param"), dest="workflow.inversion_params",
+                   type=_key_value, action=_MergeDict, metavar="KEY=VALUE",
+                   help="extra parameter of the inversion method (repeatable), e.g. "
+                   "threshold=0.15 for tkd, max_iter=300 for tv")
+    g.add_argument(*_aliases("--bfr-param"), dest="workflow.bfr_params", type=_key_value,
+                   action=_MergeDict, metavar="KEY=VALUE",
+                   help="extra parameter of the background removal method (repeatable), e.g. "
+                   "tol=1e-4 for pdf")
     g.add_argument("--reference", dest="workflow.reference",
                    type=_choice(get_args(ReferenceMethod)), metavar=_metavar(ReferenceMethod), default=wf.reference,
                    help="susceptibility reference: mean (mask mean = 0), none")
     g.add_argument(*_aliases("--r2star-method"), dest="workflow.r2star_method",
                    type=_choice(get_args(R2starMethod)), metavar=_metavar(R2starMethod), default=wf.r2star_method,
                    help="R2* fit: nlls, loglinear, arlo")
+
+    g.add_argument("--swi", dest="workflow.swi", action="store_true",
+                   help="also write SWI, its minimum intensity projection and QSM venography "
+                   "(maximum intensity projection of the Chimap)")
+    g.add_argument(*_aliases("--mip-slab-mm"), dest="workflow.mip_slab_mm",
+                   type=_positive_float, default=wf.mip_slab_mm, metavar="MM",
+                   help="slab thickness of the minimum/maximum intensity projections")
 
     g = parser.add_argument_group("other options")
     g.add_argument("-w", "--work-dir", "--work_dir", dest="execution.work_dir", type=_path,
@@ -282,6 +331,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             continue  # the config file wins over a parser default
         section, key = dest.split(".", 1)
         setattr(getattr(config, section), key, value)
+    if namespace.lambda_value == "auto":
+        config.workflow.lambda_rule = config.workflow.lambda_rule or "lcurve"
+    elif namespace.lambda_value is not None:
+        config.workflow.inversion_lambda = namespace.lambda_value
+        config.workflow.lambda_rule = None
+    try:
+        config.workflow.validate()
+    except ConfigError as error:
+        parser.error(str(error))
     execution = config.execution
     execution.bids_dir = namespace.bids_dir
     execution.output_dir = namespace.output_dir
