@@ -220,6 +220,9 @@ def _configure_nipype(config: Config, crash_dir: Path, run_id: str) -> None:
             "remove_unnecessary_outputs": False,
             "hash_method": "content",
             "check_version": False,
+            # nipype waits this long between scheduling rounds (default 2 s: ~15 s idle per
+            # acquisition); batch plugins keep a longer poll in their plugin_args
+            "poll_sleep_duration": 0.2,
         },
         "monitoring": {"enabled": config.execution.resource_monitor},
         "logging": {"workflow_level": "INFO" if config.execution.verbosity > 1 else "WARNING"},
