@@ -24,7 +24,8 @@ class _EstimateFieldInputSpec(BaseInterfaceInputSpec):
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     method = traits.Enum("nlfit", "linear", usedefault=True, desc="echo combination")
-    unwrap_method = traits.Enum("region_growing", "laplacian", "reliability", usedefault=True,
+    unwrap_method = traits.Enum("region_growing", "romeo", "laplacian", "reliability",
+                                usedefault=True,
                                 desc="spatial phase unwrapping")
     phase_sign = traits.Enum(1, -1, usedefault=True,
                              desc="+1: phase = +2 pi f TE; -1 for the opposite handedness")

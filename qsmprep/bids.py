@@ -403,7 +403,8 @@ dataset at {source}. Every image has a JSON sidecar naming its units, sources, a
 and parameters that made it; `logs/config-*.toml` holds the configuration of each run.
 """
 
-BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisemap.*")
+BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisemap.*", "*_swi.*",
+              "*_minIP.*")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:

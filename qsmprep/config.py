@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import tomli_w
 
 FieldmapMethod = Literal["nlfit", "linear"]
-UnwrapMethod = Literal["region_growing", "laplacian", "reliability"]
+UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
 BackgroundMethod = Literal["vsharp", "pdf", "lbv", "sharp"]
 InversionMethod = Literal["tv", "l2", "tkd"]
 ReferenceMethod = Literal["mean", "csf", "roi", "none"]

@@ -9,6 +9,8 @@ REFERENCES: dict[str, str] = {
     "data from multi-echo acquisitions (ASPIRE/MCPC-3D-S). Magn Reson Med 2018;79:2996-3006.",
     "region_growing": "Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid opensource "
     "minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
+    "romeo": "Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid opensource minimum "
+    "spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308 (multi-echo weights).",
     "laplacian": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric "
     "applications. Opt Lett 2003;28:1194-1196.",
     "reliability": "Abdul-Rahman HS, et al. Fast and robust three-dimensional best path phase "

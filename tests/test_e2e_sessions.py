@@ -58,8 +58,15 @@ def test_every_session_and_run_processed_and_failure_contained(broken_copy, tmp_
 def test_session_filter_selects_one_unit(broken_copy, tmp_path):
     out = tmp_path / "out"
     code = main([str(broken_copy), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--session-label", "01", "--skip-bids-validation", "--inversion-method", "l2"])
+                 "--session-label", "01", "--skip-bids-validation", "--inversion-method", "l2",
+                 "--swi", "--unwrap-method", "romeo"])
     assert code == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    for name in ("swi", "minIP", "desc-mip_Chimap"):
+        assert (anat / f"sub-01_ses-01_run-1_{name}.nii.gz").exists(), name
+    swi = nb.load(anat / "sub-01_ses-01_run-1_swi.nii.gz").get_fdata()
+    minip = nb.load(anat / "sub-01_ses-01_run-1_minIP.nii.gz").get_fdata()
+    assert np.all(minip <= swi + 1e-3)
     assert sorted(p.name for p in out.rglob("*_Chimap.nii.gz")) == [
         "sub-01_ses-01_run-1_Chimap.nii.gz", "sub-01_ses-01_run-2_Chimap.nii.gz"]
     sidecar = json.loads((out / "sub-01/ses-01/anat/sub-01_ses-01_run-1_Chimap.json").read_text())

@@ -205,3 +205,35 @@ def test_inconsistent_voxels_flags_unwrapping_slips_only():
     flagged = fieldmap.inconsistent_voxels(slipped, mask, threshold_hz=125 / 4)
     assert all(flagged[index] for index in slips)
     assert flagged.sum() <= len(slips) * 27
+
+
+def test_temporal_unwrap_public():
+    """Echoes aliasing in time are recovered exactly from the unwrapped first echo."""
+    from qsmprep.recon import unwrap
+
+    assert fieldmap.temporal_unwrap is unwrap.temporal_unwrap
+    magnitude, phase, times, mask, field, offset = simulate(shape=(40, 40, 32), snr=200)
+    truth = offset[..., None] + TWO_PI * field[..., None] * times
+    assert np.abs(field[mask]).max() > 1 / (2 * np.diff(times).min())
+    template = phase[..., 0] + TWO_PI * np.round((truth[..., 0] - phase[..., 0]) / TWO_PI)
+    result = fieldmap.temporal_unwrap(phase, template, times, mask=mask, magnitude=magnitude,
+                                      phase_offset=offset)
+    turns = np.round((result - truth) / TWO_PI)
+    assert np.all(turns[mask] == 0)
+    assert np.array_equal(result[~mask], phase[~mask])
+
+
+@pytest.mark.parametrize("method", ["nlfit", "linear"])
+def test_romeo_unwrap_method(method):
+    magnitude, phase, times, mask, field, _ = simulate(shape=(48, 48, 40),
+                                                       echo_times=(0.003, 0.007, 0.012, 0.018))
+    result = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                               method=method, unwrap_method="romeo")
+    assert result.unwrap_method == "romeo"
+    assert rmse(result.field_hz, field, mask) < (0.5 if method == "nlfit" else 1.0)
+    turns = (result.unwrapped_phase.astype(np.float64) - phase) / TWO_PI
+    assert np.abs(turns - np.round(turns))[mask].max() < 1e-4
+    if method == "linear":  # region growing in the linear fit is the same ROMEO path
+        same = fieldmap.estimate(magnitude, phase, times, mask, voxel_size=(1, 1, 1),
+                                 method=method, unwrap_method="region_growing")
+        assert np.array_equal(same.field_hz, result.field_hz)

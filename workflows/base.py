@@ -83,7 +83,9 @@ def init_single_acquisition_wf(
         has_phase=acquisition.has_phase,
         options=config.workflow,
     )
-    fields = [f for f in OUTPUT_FIELDS if acquisition.has_phase or f in _MAG_ONLY]
+    swi_fields = {"swi", "minip", "chi_mip", "swi_metadata"}
+    fields = [f for f in OUTPUT_FIELDS if (acquisition.has_phase or f in _MAG_ONLY)
+              and (config.workflow.swi or f not in swi_fields)]
     workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     return workflow
 

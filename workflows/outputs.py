@@ -93,6 +93,23 @@ def init_ds_qsm_wf(
                             "Description": "Magnetic susceptibility (ppm).",
                             "EstimationAlgorithm": " -> ".join(steps),
                             "EstimationReference": " ".join(reference(s) for s in steps)})
+    if options.swi:
+        ds_swi = sink("ds_swi", "swi", ["swi_metadata"], metadata={
+            "Units": "arbitrary", "SkullStripped": False, **acquisition,
+            "Description": "Susceptibility-weighted image: echo-combined magnitude times the "
+            "fourth power of the negative high-pass phase mask."})
+        ds_minip = sink("ds_minip", "minIP", ["swi_metadata"], metadata={
+            "Units": "arbitrary", "SkullStripped": False,
+            "Description": "Sliding-slab minimum intensity projection of the SWI."})
+        ds_mip = sink("ds_chimap_mip", "Chimap", ["swi_metadata"], desc="mip", metadata={
+            "Units": "ppm", "SkullStripped": True,
+            "Description": "QSM venography: sliding-slab maximum intensity projection of the "
+            "susceptibility map."})
+        workflow.connect([
+            (inputnode, ds_swi, [("swi", "in_file")]),
+            (inputnode, ds_minip, [("minip", "in_file")]),
+            (inputnode, ds_mip, [("chi_mip", "in_file")]),
+        ])
     workflow.connect([
         (inputnode, ds_field, [("field_hz", "in_file")]),
         (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),

@@ -13,12 +13,13 @@ from qsmprep.interfaces.mask import BrainMask
 from qsmprep.interfaces.phase import LoadEchoes
 from qsmprep.interfaces.reference import ReferenceSusceptibility
 from qsmprep.interfaces.relaxometry import FitR2star
+from qsmprep.interfaces.swi import ComputeSWI, QSMVenography
 
 OUTPUT_FIELDS = [
     "magnitude", "mask", "r2star", "t2star", "s0", "field_hz", "field_magnitude",
     "unwrapped_phase", "local_field_hz", "eroded_mask", "chi", "field_metadata",
     "bfr_metadata", "inversion_metadata", "reference_metadata", "r2star_metadata",
-    "mask_metadata", "load_metadata",
+    "mask_metadata", "load_metadata", "swi", "minip", "chi_mip", "swi_metadata",
 ]
 
 
@@ -115,4 +116,18 @@ def init_qsm_wf(
         (invert, outputnode, [("metadata", "inversion_metadata")]),
         (reference, outputnode, [("chi", "chi"), ("metadata", "reference_metadata")]),
     ])
+    if options.swi:
+        swi = pe.Node(ComputeSWI(echo_times=echo_times, phase_sign=options.phase_sign,
+                                 slab_mm=options.mip_slab_mm, num_threads=omp_nthreads),
+                      name="compute_swi", n_procs=omp_nthreads, mem_gb=mem_gb * 2)
+        venography = pe.Node(QSMVenography(slab_mm=options.mip_slab_mm), name="venography",
+                             mem_gb=mem_gb)
+        workflow.connect([
+            (load, swi, [("magnitude", "magnitude"), ("phase", "phase")]),
+            (mask, swi, [("mask", "mask")]),
+            (reference, venography, [("chi", "chi")]),
+            (swi, outputnode, [("swi", "swi"), ("minip", "minip"),
+                               ("metadata", "swi_metadata")]),
+            (venography, outputnode, [("mip", "chi_mip")]),
+        ])
     return workflow

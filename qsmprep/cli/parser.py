@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(weighted linear fit of unwrapped phase)")
     g.add_argument(*_aliases("--unwrap-method"), dest="workflow.unwrap_method",
                    type=_choice(get_args(UnwrapMethod)), metavar=_metavar(UnwrapMethod), default=wf.unwrap_method,
-                   help="spatial unwrapping: region-growing (quality-guided, exact), "
+                   help="spatial unwrapping: region-growing (quality-guided, exact), romeo "
+                   "(multi-echo weights: template echo spatially, others temporally), "
                    "laplacian, reliability (scikit-image)")
     g.add_argument("--bfr-method", "--bfr_method", "--background-method", dest="workflow.bfr_method",
                    type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,

@@ -17,11 +17,18 @@ Methods of :func:`estimate`:
     exact optima) the fit is re-run from that branch. A continuous unwrapper (Laplacian)
     adds its smooth non-integer remainder, so the field is then exact up to a harmonic
     function.
+    With ``unwrap_method="romeo"`` the spatial unwrap of ``p1 dTE`` adds ROMEO's
+    phase-gradient coherence with the raw first echo (scaled by ``dTE / TE1``).
 ``linear``
     MCPC-3D-S phase-offset removal (:func:`mcpc3ds_offset`), spatial unwrapping of the first
-    echo, temporal unwrapping of the later echoes (each predicted from a fit of the earlier
-    ones, so all echoes agree), and a weighted least-squares fit through the origin
-    (:func:`linear_fit`).
+    echo, temporal unwrapping of the later echoes (:func:`temporal_unwrap`, re-exported from
+    :mod:`qsmprep.recon.unwrap`: each echo predicted from a fit through the origin of the
+    earlier ones, so all echoes agree), and a weighted least-squares fit through the origin
+    (:func:`linear_fit`). With ``unwrap_method`` ``"region_growing"`` or ``"romeo"`` this is
+    ROMEO (:func:`qsmprep.recon.unwrap.romeo`): the first echo is unwrapped with the
+    multi-echo weights (phase-gradient coherence with echo 2) and each mask component takes
+    the global 2 pi multiple that makes all echoes consistent in time (ties, as for echo
+    times at integer multiples of TE1, go to the branch with mean closest to 0).
 
 Remaining ambiguity: each connected mask component is unwrapped up to one global multiple of
 ``2 pi / dTE`` in frequency; the branch whose mean field is closest to 0 Hz is taken (the
@@ -45,6 +52,7 @@ from scipy import ndimage
 
 from . import unwrap as unwrap_module
 from .phase import finite_mask, wrap
+from .unwrap import temporal_unwrap  # public re-export
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -418,10 +426,19 @@ def _unwrap_centered(
     method: str,
     magnitude: np.ndarray | None,
     voxel_size: Sequence[float],
+    phase2: np.ndarray | None = None,
+    te: Sequence[float] | None = None,
 ) -> np.ndarray:
-    unwrapped = unwrap_module.unwrap(
-        wrapped, mask, method=method, magnitude=magnitude, voxel_size=voxel_size
-    )
+    """Spatial unwrap (3D) and centring of each component; with ``method="romeo"`` and a
+    second echo (``phase2``, ``te``) region growing uses the phase-gradient coherence."""
+    if method == "romeo" and phase2 is not None:
+        unwrapped = unwrap_module.region_growing(
+            wrapped, mask, magnitude=magnitude, voxel_size=voxel_size, phase2=phase2, te=te
+        )
+    else:
+        unwrapped = unwrap_module.unwrap(
+            wrapped, mask, method=method, magnitude=magnitude, voxel_size=voxel_size
+        )
     return _center_components(unwrapped, mask, _TWO_PI)
 
 
@@ -524,25 +541,6 @@ def linear_fit(
     return omega, noise
 
 
-def _temporal_unwrap(
-    corrected: np.ndarray, template: np.ndarray, weights: np.ndarray, times: np.ndarray
-) -> np.ndarray:
-    """Unwrap echoes 2.. in time: each is predicted by a weighted fit through the origin of the
-    echoes unwrapped so far and shifted by the nearest multiple of 2 pi (voxel arrays)."""
-    unwrapped = np.empty_like(corrected)
-    unwrapped[:, 0] = template
-    t = times.astype(np.float32)
-    numerator = weights[:, 0] * t[0] * template
-    denominator = weights[:, 0] * t[0] ** 2
-    for n in range(1, corrected.shape[1]):
-        predicted = numerator / denominator * t[n]
-        turns = np.round((predicted - corrected[:, n]) / np.float32(_TWO_PI))
-        unwrapped[:, n] = corrected[:, n] + np.float32(_TWO_PI) * turns
-        numerator = numerator + weights[:, n] * t[n] * unwrapped[:, n]
-        denominator = denominator + weights[:, n] * t[n] ** 2
-    return unwrapped
-
-
 # ---------------------------------------------------------------------------------------
 # the step: estimate
 # ---------------------------------------------------------------------------------------
@@ -639,7 +637,10 @@ def estimate(
         )
         delta = times[0] if n_echoes == 1 else times[1] - times[0]
         wrapped = (p1 * np.float32(delta)).astype(np.float32)
-        unwrapped = _unwrap_centered(wrapped, mask, **unwrap_kwargs)
+        # "romeo": the raw first echo supplies the phase-gradient coherence (its gradient is
+        # that of p1 TE1 plus the smooth offset's).
+        second = {"phase2": phase[..., 0], "te": (delta, times[0])} if n_echoes > 1 else {}
+        unwrapped = _unwrap_centered(wrapped, mask, **unwrap_kwargs, **second)
         # Split the spatial unwrap into whole turns (the alias branch) and, for continuous
         # unwrappers (Laplacian), a smooth remainder that is carried over unchanged.
         turns = np.round((unwrapped - wrapped) / np.float32(_TWO_PI))
@@ -676,12 +677,18 @@ def estimate(
             magnitude, phase, times, mask, voxel_size=voxel_size, unwrap_method=unwrap_method
         )
         corrected = wrap(phase - offset[..., None])
-        template = _unwrap_centered(corrected[..., 0], mask, **unwrap_kwargs)
-        mag = magnitude[mask]
-        weights = np.maximum(mag * mag, np.float32(max(float((mag * mag).max()), 1e-30) * 1e-8))
-        temporal = _temporal_unwrap(corrected[mask], template[mask], weights, times)
-        stacked = np.zeros(phase.shape, dtype=np.float32)
-        stacked[mask] = temporal
+        if unwrap_method in unwrap_module.MULTI_ECHO_METHODS:
+            # ROMEO: template echo in space with multi-echo weights, global branch per
+            # component from temporal consistency, the other echoes in time.
+            stacked = unwrap_module.romeo(
+                corrected, mask, echo_times=times, magnitude=magnitude, template=0,
+                phase_offset="none", voxel_size=voxel_size,
+            )
+        else:
+            template = _unwrap_centered(corrected[..., 0], mask, **unwrap_kwargs)
+            stacked = temporal_unwrap(
+                corrected, template, times, mask=mask, magnitude=magnitude
+            )
         p1, noise = linear_fit(stacked, magnitude, times, mask)
         p0 = offset
 
