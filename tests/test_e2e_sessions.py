@@ -67,7 +67,7 @@ def test_session_filter_selects_one_unit(broken_copy, tmp_path):
     swi = nb.load(anat / "sub-01_ses-01_run-1_swi.nii.gz").get_fdata()
     minip = nb.load(anat / "sub-01_ses-01_run-1_minIP.nii.gz").get_fdata()
     assert np.all(minip <= swi + 1e-3)
-    assert sorted(p.name for p in out.rglob("*_Chimap.nii.gz")) == [
+    assert sorted(p.name for p in out.rglob("*_run-?_Chimap.nii.gz")) == [
         "sub-01_ses-01_run-1_Chimap.nii.gz", "sub-01_ses-01_run-2_Chimap.nii.gz"]
     sidecar = json.loads((out / "sub-01/ses-01/anat/sub-01_ses-01_run-1_Chimap.json").read_text())
     assert sidecar["DipoleInversion"] == "l2"
