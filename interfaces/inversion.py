@@ -5,6 +5,7 @@ from __future__ import annotations
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from qsmprep.recon import inversion
+from qsmprep.recon.inversion import lambda_choice
 from qsmprep.recon.dipole import hz_to_ppm
 from qsmprep.references import reference
 
@@ -57,8 +58,6 @@ class InvertDipole(SimpleInterface):
         selection = {}
         with threads(self.inputs.num_threads):
             if self.inputs.lambda_rule:
-                from qsmprep.recon.inversion import lambda_choice
-
                 choice = lambda_choice.choose(
                     local_ppm, mask, rule=self.inputs.lambda_rule, voxel_size=voxel_size,
                     b0_direction=direction, method=method, magnitude=magnitude, noise=noise,

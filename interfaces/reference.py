@@ -6,13 +6,22 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 
 from qsmprep.recon import reference as reference_core
 
-from .base import load, load_mask, save
+from .base import geometry, load, load_mask, save
+
+DESCRIPTIONS = {
+    "mean": "mean over the brain mask",
+    "csf": "mean over the lateral ventricles (central low-R2* CSF)",
+    "roi": "mean over a provided reference mask",
+    "none": "none",
+}
 
 
 class _ReferenceInputSpec(BaseInterfaceInputSpec):
     chi = File(exists=True, mandatory=True, desc="susceptibility (ppm)")
     mask = File(exists=True, mandatory=True, desc="mask of valid susceptibility")
-    method = traits.Enum("mean", "none", usedefault=True, desc="reference region")
+    method = traits.Enum("mean", "csf", "roi", "none", usedefault=True, desc="reference region")
+    r2star = File(exists=True, desc="R2* map (1/s), for method 'csf'")
+    roi = File(exists=True, desc="reference mask, for method 'roi'")
 
 
 class _ReferenceOutputSpec(TraitedSpec):
@@ -29,12 +38,22 @@ class ReferenceSusceptibility(SimpleInterface):
     def _run_interface(self, runtime):
         chi, image = load(self.inputs.chi)
         mask = load_mask(self.inputs.mask)
-        chi, offset = reference_core.reference(chi, mask, method=self.inputs.method)
+        voxel_size, _ = geometry(image)
+        method = self.inputs.method
+        extra = {}
+        if method == "csf":
+            if not self.inputs.r2star:
+                raise ValueError("CSF referencing needs the R2* map (two or more echoes).")
+            extra = {"r2star": load(self.inputs.r2star)[0], "voxel_size": voxel_size}
+        if method == "roi":
+            if not self.inputs.roi:
+                raise ValueError("ROI referencing needs <entities>_desc-reference_mask in "
+                                 "--mask-dir.")
+            extra = {"roi": load_mask(self.inputs.roi)}
+        chi, offset = reference_core.reference(chi, mask, method=method, **extra)
         self._results["chi"] = save(chi, image, "chi_referenced.nii.gz", cwd=runtime.cwd)
         self._results["metadata"] = {
-            "SusceptibilityReference": {"mean": "mean over the brain mask", "none": "none"}[
-                self.inputs.method
-            ],
+            "SusceptibilityReference": DESCRIPTIONS[method],
             "SusceptibilityReferenceOffset": float(offset),
         }
         return runtime

@@ -460,16 +460,18 @@ def image_shape(acquisition: Acquisition) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
-def find_masks(mask_dir: Path, acquisitions: list[Acquisition]) -> dict[str, str]:
-    """Provided ``<entities>_desc-brain_mask`` images in ``mask_dir``, by acquisition name."""
+def find_masks(
+    mask_dir: Path, acquisitions: list[Acquisition], *, desc: str = "brain"
+) -> dict[str, str]:
+    """Provided ``<entities>_desc-<desc>_mask`` images in ``mask_dir``, by acquisition name."""
     masks = {}
     for acquisition in acquisitions:
-        relative = derivative_path(acquisition.output_entities, "mask", desc="brain")
+        relative = derivative_path(acquisition.output_entities, "mask", desc=desc)
         for extension in (".nii.gz", ".nii"):
             candidate = Path(mask_dir) / relative.replace(".nii.gz", extension)
             if candidate.exists():
                 masks[acquisition.name] = str(candidate)
                 break
         else:
-            LOGGER.warning("no mask %s in %s: computing one.", relative, mask_dir)
+            LOGGER.warning("no mask %s in %s.", relative, mask_dir)
     return masks

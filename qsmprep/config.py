@@ -18,7 +18,7 @@ import tomli_w
 
 FieldmapMethod = Literal["nlfit", "linear"]
 UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
-BackgroundMethod = Literal["vsharp", "pdf", "lbv", "sharp"]
+BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp"]
 InversionMethod = Literal["tv", "l2", "tkd"]
 ReferenceMethod = Literal["mean", "csf", "roi", "none"]
 LambdaRule = Literal["lcurve", "discrepancy"]

@@ -23,6 +23,10 @@ REFERENCES: dict[str, str] = {
     "Laplacian boundary value problem. NMR Biomed 2014;27:312-319.",
     "sharp": "Schweser F, et al. Quantitative imaging of intrinsic magnetic tissue properties "
     "using MRI signal phase. NeuroImage 2011;54:2789-2807.",
+    "resharp": "Sun H, Wilman AH. Background field removal using spherical mean value filtering "
+    "and Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.",
+    "ismv": "Wen Y, Zhou D, Liu T, Spincemaille P, Wang Y. An iterative spherical mean value "
+    "method for background field removal in MRI. Magn Reson Med 2014;72:1065-1071.",
     "tkd": "Shmueli K, et al. Magnetic susceptibility mapping of brain tissue in vivo using MRI "
     "phase data. Magn Reson Med 2009;62:1510-1522.",
     "l2": "Bilgic B, et al. Fast image reconstruction with L2-regularization. J Magn Reson "

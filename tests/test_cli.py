@@ -111,10 +111,11 @@ def test_method_parameters_and_lambda_auto(dataset, tmp_path, capsys):
     assert config.workflow.bfr_params == {"tol": 1e-4, "max_iter": 50}
     config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
                             "--lambda", "auto"])
-    assert config.workflow.lambda_rule == "lcurve" and config.workflow.inversion_lambda is None
-    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
-                            "--lambda", "auto", "--lambda-rule", "discrepancy"])
     assert config.workflow.lambda_rule == "discrepancy"
+    assert config.workflow.inversion_lambda is None
+    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant",
+                            "--lambda", "auto", "--lambda-rule", "lcurve"])
+    assert config.workflow.lambda_rule == "lcurve"
     with pytest.raises(SystemExit) as stop:
         parse_args([str(dataset), str(tmp_path / "out"), "participant", "--inversion-method",
                     "tkd", "--inversion-param", "treshold=0.15"])

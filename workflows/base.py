@@ -22,18 +22,21 @@ def init_qsmprep_wf(
     *,
     shapes: dict[str, tuple[int, ...]],
     provided_masks: dict[str, str] | None = None,
+    reference_masks: dict[str, str] | None = None,
     name: str = "qsmprep_wf",
 ) -> pe.Workflow:
     """Workflow over all acquisitions; ``shapes`` maps acquisition names to image shapes."""
     workflow = pe.Workflow(name=name)
     workflow.base_dir = str(config.execution.work_dir)
     provided_masks = provided_masks or {}
+    reference_masks = reference_masks or {}
     omp_nthreads = config.nipype.omp_nthreads
     for acquisition in acquisitions:
         workflow.add_nodes([init_single_acquisition_wf(
             config, acquisition,
             shape=shapes[acquisition.name],
             provided_mask=provided_masks.get(acquisition.name),
+            reference_mask=reference_masks.get(acquisition.name),
             omp_nthreads=omp_nthreads,
         )])
     return workflow
@@ -45,6 +48,7 @@ def init_single_acquisition_wf(
     *,
     shape: tuple[int, ...],
     provided_mask: str | None,
+    reference_mask: str | None = None,
     omp_nthreads: int,
 ) -> pe.Workflow:
     """QSM and output workflows of one acquisition, connected."""
@@ -72,6 +76,8 @@ def init_single_acquisition_wf(
     inputnode.inputs.volumes = [-1 if e.volume is None else e.volume for e in echoes]
     if provided_mask:
         inputnode.inputs.provided_mask = provided_mask
+    if reference_mask:
+        inputnode.inputs.reference_mask = reference_mask
     ds_wf = init_ds_qsm_wf(
         output_dir=str(config.execution.output_dir),
         bids_dir=str(config.execution.bids_dir),

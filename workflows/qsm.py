@@ -37,12 +37,13 @@ def init_qsm_wf(
     """Build the QSM workflow of one acquisition.
 
     Inputs (``inputnode``): ``magnitude_files``, ``phase_files``, ``real_files``,
-    ``imag_files``, ``volumes``, ``provided_mask``. Outputs: see ``OUTPUT_FIELDS``.
+    ``imag_files``, ``volumes``, ``provided_mask``, ``reference_mask``. Outputs: see
+    ``OUTPUT_FIELDS``.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(fields=["magnitude_files", "phase_files", "real_files",
-                                  "imag_files", "volumes", "provided_mask"]),
+                                  "imag_files", "volumes", "provided_mask", "reference_mask"]),
         name="inputnode",
     )
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
@@ -108,6 +109,8 @@ def init_qsm_wf(
         (field, invert, [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]),
         (invert, reference, [("chi", "chi")]),
         (bfr, reference, [("mask", "mask")]),
+        (r2star, reference, [("r2star", "r2star")]),
+        (inputnode, reference, [("reference_mask", "roi")]),
         (field, outputnode, [("field_hz", "field_hz"), ("magnitude", "field_magnitude"),
                              ("unwrapped_phase", "unwrapped_phase"),
                              ("metadata", "field_metadata")]),

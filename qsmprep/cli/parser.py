@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bfr-method", "--bfr_method", "--background-method", dest="workflow.bfr_method",
                    type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,
                    help="background field removal: vsharp (variable-radius SHARP), pdf "
-                   "(projection onto dipole fields), lbv (Laplacian boundary value), sharp")
+                   "(projection onto dipole fields), lbv (Laplacian boundary value), resharp "
+                   "(Tikhonov SHARP), ismv (iterative SMV), sharp")
     g.add_argument(*_aliases("--bfr-erode-mm"), dest="workflow.bfr_erode_mm",
                    type=_non_negative_float, default=wf.bfr_erode_mm, metavar="MM",
                    help="erode the brain mask by this much before background field removal: "
@@ -263,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "acquisition (see --lambda-rule); default: the method's measured default")
     g.add_argument(*_aliases("--lambda-rule"), dest="workflow.lambda_rule",
                    type=_choice(get_args(LambdaRule)), metavar=_metavar(LambdaRule),
-                   help="rule of --lambda auto: lcurve (maximum curvature) or discrepancy "
-                   "(residual = noise level); default with auto: lcurve")
+                   help="rule of --lambda auto: discrepancy (weighted residual = noise level; "
+                   "the default with auto) or lcurve (maximum curvature; unreliable on QSM "
+                   "phantoms in our measurements)")
     g.add_argument(*_aliases("--inversion-param"), dest="workflow.inversion_params",
                    type=_key_value, action=_MergeDict, metavar="KEY=VALUE",
                    help="extra parameter of the inversion method (repeatable), e.g. "
@@ -333,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         section, key = dest.split(".", 1)
         setattr(getattr(config, section), key, value)
     if namespace.lambda_value == "auto":
-        config.workflow.lambda_rule = config.workflow.lambda_rule or "lcurve"
+        config.workflow.lambda_rule = config.workflow.lambda_rule or "discrepancy"
     elif namespace.lambda_value is not None:
         config.workflow.inversion_lambda = namespace.lambda_value
         config.workflow.lambda_rule = None

@@ -178,6 +178,12 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
         raise RunError("no acquisition can be processed (see the errors above).",
                        1 if failed else 66)
     masks = bids.find_masks(execution.mask_dir, runnable) if execution.mask_dir else {}
+    reference_masks = {}
+    if config.workflow.reference == "roi":
+        if not execution.mask_dir:
+            raise RunError("--reference roi needs --mask-dir with "
+                           "<entities>_desc-reference_mask images.", 64)
+        reference_masks = bids.find_masks(execution.mask_dir, runnable, desc="reference")
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     output_dir = execution.output_dir
     bids.write_dataset_files(output_dir, execution.bids_dir)
@@ -186,7 +192,8 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
         from qsmprep.workflows.base import init_qsmprep_wf
 
         _configure_nipype(config, output_dir / "logs" / "crash", run_id)
-        workflow = init_qsmprep_wf(config, runnable, shapes=shapes, provided_masks=masks)
+        workflow = init_qsmprep_wf(config, runnable, shapes=shapes, provided_masks=masks,
+                                   reference_masks=reference_masks)
     except Exception as error:  # any failure to build is exit 70
         LOGGER.exception("the workflow could not be built")
         raise RunError(f"the workflow could not be built: {error}", 70) from None
