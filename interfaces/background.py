@@ -18,7 +18,7 @@ class _RemoveBackgroundInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
     noise_hz = File(exists=True, desc="field noise (Hz), the data weight of PDF")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
-    method = traits.Str("vsharp", usedefault=True, desc="method (background.METHODS)")
+    method = traits.Str("ismv", usedefault=True, desc="method (background.METHODS)")
     params = traits.Dict(desc="further keyword parameters of the method")
     vsharp_max_radius_mm = traits.Float(12.0, usedefault=True, desc="largest V-SHARP radius")
     erode_mm = traits.Float(0.0, usedefault=True, desc="mask erosion before removal (mm)")

@@ -72,7 +72,7 @@ class WorkflowConfig:
     mask_erode_mm: float = 0.0
     fieldmap_method: FieldmapMethod = "nlfit"
     unwrap_method: UnwrapMethod = "region_growing"
-    bfr_method: BackgroundMethod = "vsharp"
+    bfr_method: BackgroundMethod = "ismv"
     bfr_erode_mm: float = 3.0
     vsharp_max_radius_mm: float = 12.0
     inversion_method: InversionMethod = "tv"

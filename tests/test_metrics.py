@@ -113,3 +113,146 @@ def test_errors():
         metrics.roi_slope(ref, ref, labels, [1, 9])
     with pytest.raises(ValueError, match="two"):
         metrics.roi_slope(ref, ref, labels, [1])
+
+
+def test_detrended_nrmse_is_the_challenge_fit_of_ref_on_chi():
+    # compute_rmse_detrend_v0.m: P = polyfit(chi, ref, 1) on demeaned maps, res = P(chi)
+    ref, mask, _ = _maps()
+    rng = np.random.default_rng(3)
+    chi = 0.6 * ref + 0.01 + 0.01 * rng.standard_normal(ref.shape)
+    c = chi[mask] - chi[mask].mean()
+    r = ref[mask].astype(np.float64) - ref[mask].mean()
+    fit = np.polyval(np.polyfit(c, r, 1), c)
+    expected = 100 * np.linalg.norm(fit - r) / np.linalg.norm(r)
+    assert metrics.detrended_nrmse(chi, ref, mask) == pytest.approx(expected, rel=1e-6)
+    # removing the fitted scaling never increases the error
+    assert metrics.detrended_nrmse(chi, ref, mask) < metrics.nrmse(chi, ref, mask)
+
+
+def _calcified(shape=(48, 48, 48), calc_ppm=-3.0):
+    """Smooth anatomy (a ramp) with a 3x3x3 calcification in the middle."""
+    x = np.arange(shape[0])[:, None, None] * np.ones(shape)
+    ref = 0.002 * (x - shape[0] / 2) + 0.01
+    calc = np.zeros(shape, dtype=bool)
+    calc[22:25, 22:25, 22:25] = True
+    ref = np.where(calc, calc_ppm, ref)
+    return ref, calc
+
+
+def test_calcification_regions_follow_the_challenge_boxes():
+    _, calc = _calcified()
+    cube, rim, surround = metrics.calcification_regions(calc, voxel_size=(1, 1, 1))
+    # bounding box 3^3 grown by 3, 3+4 and 3+4+4 voxels at 1 mm
+    assert cube.sum() == 9**3
+    assert rim.sum() == 17**3 - 9**3
+    assert surround.sum() == 25**3 - 9**3
+    assert not (cube & rim).any() and not (cube & surround).any()
+    # margins are in mm: at 2 mm voxels 3 mm -> 2 voxels (rounded), 4 mm -> 2 voxels
+    cube2, rim2, _ = metrics.calcification_regions(calc, voxel_size=(2, 2, 2))
+    assert cube2.sum() == 7**3 and rim2.sum() == 11**3 - 7**3
+
+
+def test_calcification_moment_error_known_values():
+    ref, calc = _calcified()
+    vox = (0.5, 0.5, 0.5)
+    # the moment is chi summed over the region times the voxel volume (ppm mm^3)
+    assert metrics.calcification_moment(ref, calc, voxel_size=vox) == pytest.approx(
+        -3.0 * 27 * 0.125)
+    assert metrics.calcification_moment_error(ref, ref, calc, voxel_size=vox) == 0.0
+    # a calcification at half its susceptibility: 50 % error, 0.5 * 81 * 0.125 absolute
+    half = np.where(calc, 0.5 * ref, ref)
+    assert metrics.calcification_moment_error(half, ref, calc, voxel_size=vox) == (
+        pytest.approx(0.5))
+    assert metrics.calcification_moment_error(
+        half, ref, calc, voxel_size=vox, relative=False) == pytest.approx(0.5 * 81 * 0.125)
+    # blurred over twice the volume at half the value: the moment is kept
+    spread = ref.copy()
+    spread[22:25, 22:25, 21:27] = np.where(calc[22:25, 22:25, 21:27], -1.5, -1.5)
+    assert metrics.calcification_moment_error(spread, ref, calc, voxel_size=vox) == (
+        pytest.approx(0.0, abs=1e-9))
+    # the adaptive threshold: a -0.2 ppm artefact outside the cube moves the threshold to
+    # -0.2, so a -0.1 ppm blur halo inside the cube is not counted
+    halo = ref.copy()
+    halo[21, 22:25, 22:25] = -0.1
+    halo[12, 23, 23] = -0.2  # in the surround, outside the cube
+    seg = metrics.calcification_segment(halo, calc, voxel_size=(1, 1, 1))
+    assert seg.sum() == 27 and (seg == calc).all()
+    assert metrics.calcification_segment(ref, calc, voxel_size=(1, 1, 1))[21, 23, 23] == (
+        False)
+    # no calcification visible: the whole moment is missing
+    flat = np.where(calc, 0.05, ref)
+    assert metrics.calcification_moment_error(flat, ref, calc, voxel_size=vox) == 1.0
+    # a sub-voxel calcification: the label holds one voxel, partial volume spreads the rest
+    # of its moment over the 6 neighbours; the reference moment counts them too
+    anatomy, _ = _calcified(calc_ppm=0.0)
+    anatomy = np.where(calc, 0.002 * (np.arange(48)[:, None, None] - 24) + 0.01, anatomy)
+    pv = anatomy.copy()
+    centre = np.zeros_like(calc)
+    centre[23, 23, 23] = True
+    pv[23, 23, 23] = -2.0
+    for axis in range(3):
+        for d in (-1, 1):
+            idx = [23, 23, 23]
+            idx[axis] += d
+            pv[tuple(idx)] = -0.5
+    assert metrics.calcification_moment_error(pv, pv, centre, voxel_size=vox) == 0.0
+    core_only = pv.copy()
+    halo = np.abs(pv + 0.5) < 1e-9
+    core_only[halo] = anatomy[halo]
+    # the map misses the 6 x -0.5 ppm halo: 3 of the 5 ppm voxel moment
+    assert metrics.calcification_moment_error(core_only, pv, centre, voxel_size=vox) == (
+        pytest.approx(3.0 / 5.0, rel=1e-9))
+    # a paramagnetic inclusion is handled by its sign
+    para = np.where(calc, 2.0, ref)
+    assert metrics.calcification_moment_error(
+        np.where(calc, 1.0, para), para, calc, voxel_size=vox) == pytest.approx(0.5)
+
+
+def test_calcification_streaking_known_values():
+    ref, calc = _calcified()
+    vox = (1.0, 1.0, 1.0)
+    assert metrics.calcification_streaking(ref, ref, calc, voxel_size=vox) == (
+        pytest.approx(0.0, abs=1e-9))
+    # any linear rescaling of the anatomy is regressed out
+    scaled = np.where(calc, ref, 0.5 * ref + 0.02)
+    assert metrics.calcification_streaking(scaled, ref, calc, voxel_size=vox) == (
+        pytest.approx(0.0, abs=1e-9))
+    # a streak pattern of known amplitude, normalised by the calcification's mean (-3 ppm)
+    _, rim, _ = metrics.calcification_regions(calc, voxel_size=vox)
+    i, j, _ = np.indices(ref.shape)
+    pattern = np.where(rim, 0.03 * np.cos(np.arctan2(j - 23, i - 23) * 4), 0.0)
+    streaked = ref + pattern
+    x = ref[rim]
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, streaked[rim], rcond=None)
+    expected = np.std(streaked[rim] - design @ coef, ddof=1) / 3.0
+    assert expected > 0.005
+    got = metrics.calcification_streaking(streaked, ref, calc, voxel_size=vox)
+    assert got == pytest.approx(expected, rel=1e-9)
+    # the same streaks around a calcification reconstructed at half its value count double
+    faded = np.where(calc, 0.5 * ref, streaked)
+    assert metrics.calcification_streaking(faded, ref, calc, voxel_size=vox) == (
+        pytest.approx(2 * expected, rel=1e-9))
+    # a constant offset of the whole map (the unobservable mean) changes nothing with a mask
+    mask = np.ones(ref.shape, dtype=bool)
+    assert metrics.calcification_streaking(streaked + 0.3, ref, calc, voxel_size=vox,
+                                           mask=mask) == pytest.approx(
+        metrics.calcification_streaking(streaked, ref, calc, voxel_size=vox, mask=mask))
+    assert metrics.calcification_moment_error(ref + 0.3, ref, calc, voxel_size=vox,
+                                              mask=mask) == pytest.approx(0, abs=1e-9)
+    # nothing visible: undefined
+    flat = np.where(calc, 0.05, ref)
+    assert np.isnan(metrics.calcification_streaking(flat, ref, calc, voxel_size=vox))
+
+
+def test_calcification_errors():
+    ref, calc = _calcified()
+    with pytest.raises(ValueError, match="calc_mask is empty"):
+        metrics.calcification_streaking(ref, ref, np.zeros_like(calc), voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError, match="voxel_size"):
+        metrics.calcification_moment_error(ref, ref, calc, voxel_size=(1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.calcification_streaking(ref[:-1], ref, calc, voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError, match="zero"):
+        metrics.calcification_moment_error(ref, np.where(calc, 0.0, ref), calc,
+                                           voxel_size=(1, 1, 1))
