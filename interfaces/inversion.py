@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
+import numpy as np
+
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from qsmprep.recon import inversion
@@ -18,6 +22,7 @@ class _InvertDipoleInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, desc="magnitude (3D or 4D) for edge/data weights")
     noise_hz = File(exists=True, desc="field noise (Hz) for the data weight")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
+    echo_times = traits.List(traits.Float, desc="echo times (s): phase scale of nonlinear terms")
     method = traits.Str("tv", usedefault=True, desc="inversion method (inversion.METHODS)")
     lam = traits.Float(desc="regularisation weight (method default when unset)")
     lambda_rule = traits.Enum("", "lcurve", "discrepancy", usedefault=True,
@@ -45,6 +50,10 @@ class InvertDipole(SimpleInterface):
         params: dict = dict(self.inputs.params or {})
         if self.inputs.lam:
             params["lam"] = float(self.inputs.lam)
+        accepted = inspect.signature(inversion.METHODS[method]).parameters
+        if "phase_scale" in accepted and "phase_scale" not in params and self.inputs.echo_times:
+            mean_te = float(np.mean(self.inputs.echo_times))
+            params["phase_scale"] = inversion.phase_scale(self.inputs.b0_tesla, mean_te)
         magnitude = noise = None
         if self.inputs.magnitude:
             magnitude, _ = load(self.inputs.magnitude)

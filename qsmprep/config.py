@@ -19,7 +19,9 @@ import tomli_w
 FieldmapMethod = Literal["nlfit", "linear"]
 UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
 BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp"]
-InversionMethod = Literal["tv", "l2", "tkd"]
+InversionMethod = Literal[
+    "tv", "nltv", "medi", "l2medi", "tvmedi", "tgv", "rts", "ndi", "ilsqr", "l2", "tkd", "tsvd"
+]
 ReferenceMethod = Literal["mean", "csf", "roi", "none"]
 LambdaRule = Literal["lcurve", "discrepancy"]
 R2starMethod = Literal["loglinear", "arlo", "nlls"]

@@ -35,6 +35,25 @@ REFERENCES: dict[str, str] = {
     "automatic parameter selection. Magn Reson Med 2014;72:1444-1459; Milovic C, et al. Fast "
     "nonlinear susceptibility inversion with variational regularization (FANSI). Magn Reson "
     "Med 2018;80:814-821.",
+    "tsvd": "Wharton S, Schafer A, Bowtell R. Susceptibility mapping in the human brain using "
+    "threshold-based k-space division. Magn Reson Med 2010;63:1292-1304.",
+    "ilsqr": "Li W, Wang N, Yu F, et al. A method for estimating and removing streaking "
+    "artifacts in quantitative susceptibility mapping. NeuroImage 2015;108:111-122.",
+    "nltv": "Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear "
+    "susceptibility inversion with variational regularization. Magn Reson Med 2018;80:814-821.",
+    "ndi": "Polak D, Chatnuntawech I, Yoon J, et al. Nonlinear dipole inversion (NDI) enables "
+    "robust quantitative susceptibility mapping (QSM). NMR Biomed 2020;33:e4271.",
+    "medi": "Liu T, Liu J, de Rochefort L, et al. Morphology enabled dipole inversion (MEDI) "
+    "from a single-angle acquisition. Magn Reson Med 2011;66:777-783; Liu Z, et al. MEDI+0. "
+    "Magn Reson Med 2018;79:2795-2803.",
+    "l2medi": "L2-regularised MEDI solved by conjugate gradients with an opposed-phase edge "
+    "mask and a maximum-intensity-projection data weight (calcaneus trabecular bone study).",
+    "tvmedi": "TV-MEDI solved by Nesterov's method (NESTA; Becker S, Bobin J, Candes EJ. SIAM "
+    "J Imaging Sci 2011;4:1-39), as in the calcaneus trabecular bone study.",
+    "tgv": "Langkammer C, Bredies K, Poser BA, et al. Fast quantitative susceptibility mapping "
+    "using 3D EPI and total generalized variation. NeuroImage 2015;111:622-630.",
+    "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
+    "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
     "loglinear": "Weighted log-linear mono-exponential fit of the multi-echo magnitude.",
     "nlls": "Nonlinear least-squares mono-exponential fit of the multi-echo magnitude.",
     "arlo": "Pei M, et al. Algorithm for fast monoexponential fitting based on Auto-Regression "

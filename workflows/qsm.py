@@ -91,7 +91,7 @@ def init_qsm_wf(
         name="remove_background", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
     )
     invert = pe.Node(
-        InvertDipole(b0_tesla=b0_tesla, method=options.inversion_method,
+        InvertDipole(b0_tesla=b0_tesla, echo_times=echo_times, method=options.inversion_method,
                      params=options.inversion_params, lambda_rule=options.lambda_rule or "",
                      num_threads=omp_nthreads),
         name="invert_dipole", n_procs=omp_nthreads, mem_gb=mem_gb * 3,

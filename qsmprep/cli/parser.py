@@ -256,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest V-SHARP kernel radius")
     g.add_argument(*_aliases("--inversion-method"), dest="workflow.inversion_method",
                    type=_choice(get_args(InversionMethod)), metavar=_metavar(InversionMethod), default=wf.inversion_method,
-                   help="dipole inversion: tv (weighted total variation, ADMM), l2 "
-                   "(closed-form Tikhonov on the gradient), tkd (truncated k-space division)")
+                   help="dipole inversion: tv (weighted total variation, ADMM), nltv "
+                   "(nonlinear TV), medi (MEDI, L1 with edge mask), l2medi / tvmedi (the "
+                   "calcaneus study's L2-MEDI by CG and TV-MEDI by Nesterov), tgv, rts, ndi "
+                   "(nonlinear dipole inversion), ilsqr, l2 (closed-form Tikhonov), tkd / "
+                   "tsvd (truncated k-space division / SVD)")
     g.add_argument("--lambda", "--inversion-lambda", "--inversion_lambda", dest="lambda_value",
                    type=_lambda, metavar="LAMBDA|auto",
                    help="regularisation weight of the inversion, or 'auto' to choose it per "

@@ -7,6 +7,11 @@ Methods (METHODS.md section 4), CLI names in brackets:
   gradient or Laplacian regulariser.
 - ``tv_admm`` ["tv"]: weighted total variation by ADMM / split Bregman with a split
   ``z2 = D chi`` of the data term (FANSI wTV, Milovic et al. 2018).
+- ``tsvd`` ["tsvd"], ``ilsqr`` ["ilsqr"] (Li et al. 2015), ``nonlinear_tv`` ["nltv"]
+  (FANSI nlTV), ``ndi`` ["ndi"] (Polak et al. 2020), ``medi`` ["medi"] (Liu et al., with
+  MEDI+0), ``l2_medi`` ["l2medi"] and ``tv_medi`` ["tvmedi"] (the calcaneus study's CG and
+  Nesterov solvers), ``tgv`` ["tgv"] (Langkammer et al. 2015), ``rts`` ["rts"] (Kames
+  et al. 2018).
 
 All take the local field in ppm of B0 on ``[x, y, z]`` (values outside ``mask`` are
 ignored), the voxel size in mm and the unit B0 direction in voxel axes, and return float32
@@ -27,7 +32,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ._common import data_weights, edge_weights
-from .direct import DEFAULT_L2_LAMBDA, closed_form_l2, tkd
+from .direct import DEFAULT_L2_LAMBDA, closed_form_l2, tkd, tsvd
+from .iterative import ilsqr, rts
+from .medi import edge_mask, l2_medi, medi, tv_medi
+from .nonlinear import ndi, nonlinear_tv, phase_scale
+from .tgv import tgv
 from .tv import DEFAULT_TV_LAMBDA, tv_admm
 
 __all__ = [
@@ -35,6 +44,17 @@ __all__ = [
     "DEFAULT_TV_LAMBDA",
     "METHODS",
     "closed_form_l2",
+    "edge_mask",
+    "ilsqr",
+    "l2_medi",
+    "medi",
+    "ndi",
+    "nonlinear_tv",
+    "phase_scale",
+    "rts",
+    "tgv",
+    "tsvd",
+    "tv_medi",
     "data_weights",
     "edge_weights",
     "effective_parameters",
@@ -45,8 +65,17 @@ __all__ = [
 
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "tkd": tkd,
+    "tsvd": tsvd,
     "l2": closed_form_l2,
+    "ilsqr": ilsqr,
     "tv": tv_admm,
+    "nltv": nonlinear_tv,
+    "ndi": ndi,
+    "medi": medi,
+    "l2medi": l2_medi,
+    "tvmedi": tv_medi,
+    "tgv": tgv,
+    "rts": rts,
 }
 
 

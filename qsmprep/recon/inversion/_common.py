@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -119,3 +119,229 @@ def edge_weights(
     return np.where(mask & (gnorm > thresh), edge_weight, 1.0).astype(np.float32)
 
 
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Inner product of two float32 arrays (BLAS sdot, blocked accumulation)."""
+    return float(np.dot(a.ravel(), b.ravel()))
+
+
+def _cg(apply_a, b: np.ndarray, x0: np.ndarray | None = None, *, tol: float,
+        max_iter: int, precond=None) -> tuple[np.ndarray, int, float]:
+    """(Preconditioned) conjugate gradients for a symmetric positive (semi)definite
+    operator ``apply_a`` on float32 arrays.
+
+    Stops at ``||b - A x|| <= tol ||b||`` or after ``max_iter`` iterations. ``precond``
+    applies an approximate inverse of A. Returns ``(x, iterations, relative residual)``.
+    """
+    x = np.zeros_like(b) if x0 is None else x0.astype(b.dtype, copy=True)
+    r = b - apply_a(x) if x0 is not None else b.copy()
+    bnorm = np.sqrt(_dot(b, b))
+    if bnorm == 0:
+        return x, 0, 0.0
+    z = precond(r) if precond is not None else r
+    p = z.copy()
+    rz = _dot(r, z)
+    relres, it = np.sqrt(_dot(r, r)) / bnorm, 0
+    while it < max_iter and relres > tol:
+        it += 1
+        ap = apply_a(p)
+        pap = _dot(p, ap)
+        if not pap > 0:
+            break
+        alpha = np.float32(rz / pap)
+        x += alpha * p
+        r -= alpha * ap
+        relres = np.sqrt(_dot(r, r)) / bnorm
+        if relres <= tol:
+            break
+        z = precond(r) if precond is not None else r
+        rz_new = _dot(r, z)
+        beta = np.float32(rz_new / rz)
+        rz = rz_new
+        p *= beta
+        p += z
+    return x, it, float(relres)
+
+# --------------------------------------------------------------------------------------
+# finite differences and Krylov least-squares solvers on arrays (float32 FFT operators)
+# --------------------------------------------------------------------------------------
+def _axis_slices(ndim: int, axis: int, a, b) -> tuple[slice, ...]:
+    return tuple(slice(a, b) if i == axis else slice(None) for i in range(ndim))
+
+
+def forward_gradient(u: np.ndarray, voxel_size, out: np.ndarray | None = None) -> np.ndarray:
+    """Periodic forward differences ``(u[i+1] - u[i]) / d`` along each axis, stacked on a new
+    first axis (ppm/mm for chi in ppm and ``voxel_size`` in mm)."""
+    if out is None:
+        out = np.empty((u.ndim,) + u.shape, dtype=np.float32)
+    for j in range(u.ndim):
+        n = u.shape[j]
+        lo, hi = _axis_slices(u.ndim, j, 0, n - 1), _axis_slices(u.ndim, j, 1, None)
+        np.subtract(u[hi], u[lo], out=out[j][lo])
+        np.subtract(
+            u[_axis_slices(u.ndim, j, 0, 1)], u[_axis_slices(u.ndim, j, n - 1, n)],
+            out=out[j][_axis_slices(u.ndim, j, n - 1, n)],
+        )
+        out[j] *= np.float32(1.0 / voxel_size[j])
+    return out
+
+
+def forward_gradient_adjoint(
+    g: np.ndarray, voxel_size, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Adjoint of ``forward_gradient`` (minus the backward-difference divergence):
+    ``sum_j (g_j[i-1] - g_j[i]) / d_j``."""
+    nd = g.ndim - 1
+    if out is None:
+        out = np.empty(g.shape[1:], dtype=np.float32)
+    out.fill(0)
+    for j in range(nd):
+        n = g.shape[j + 1]
+        gj = g[j]
+        lo, hi = _axis_slices(nd, j, 0, n - 1), _axis_slices(nd, j, 1, None)
+        first, last = _axis_slices(nd, j, 0, 1), _axis_slices(nd, j, n - 1, n)
+        s = np.float32(1.0 / voxel_size[j])
+        out[hi] += s * (gj[lo] - gj[hi])
+        out[first] += s * (gj[last] - gj[first])
+    return out
+
+
+def _norm(a: np.ndarray) -> float:
+    return float(np.sqrt(np.vdot(a.ravel(), a.ravel()).real))
+
+
+def lsqr(
+    aprod: Callable[[np.ndarray], np.ndarray],
+    rprod: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    *,
+    max_iter: int,
+    atol: float = 0.0,
+    btol: float = 0.0,
+) -> tuple[np.ndarray, int]:
+    """LSQR (Paige & Saunders 1982) for ``min ||A x - b||`` with ``A`` given by the products
+    ``aprod(x) = A x`` and ``rprod(u) = A^T u`` on arrays of any shape (float32 work arrays).
+
+    Stops after ``max_iter`` iterations or at the standard tests
+    ``||r|| <= btol ||b|| + atol ||A|| ||x||`` or ``||A^T r|| <= atol ||A|| ||r||``.
+    Returns ``(x, iterations)``; ``x`` starts at zero.
+    """
+    u = np.array(b, dtype=np.float32)
+    beta = _norm(u)
+    v = rprod(u / np.float32(beta)) if beta > 0 else rprod(u)
+    x = np.zeros_like(v)
+    if beta == 0:
+        return x, 0
+    u /= np.float32(beta)
+    alpha = _norm(v)
+    if alpha == 0:
+        return x, 0
+    v /= np.float32(alpha)
+    w = v.copy()
+    phibar, rhobar = beta, alpha
+    bnorm, anorm2, xnorm2 = beta, 0.0, 0.0
+    it = 0
+    for it in range(1, max_iter + 1):
+        u = aprod(v) - np.float32(alpha) * u
+        beta = _norm(u)
+        if beta > 0:
+            u /= np.float32(beta)
+        anorm2 += alpha * alpha + beta * beta
+        v = rprod(u) - np.float32(beta) * v
+        alpha = _norm(v)
+        if alpha > 0:
+            v /= np.float32(alpha)
+        rho = float(np.hypot(rhobar, beta))
+        c, s = rhobar / rho, beta / rho
+        theta = s * alpha
+        rhobar = -c * alpha
+        phi = c * phibar
+        phibar = s * phibar
+        x += np.float32(phi / rho) * w
+        w = v - np.float32(theta / rho) * w
+        xnorm2 = _norm(x) ** 2
+        rnorm, arnorm, anorm = phibar, phibar * alpha * abs(c), np.sqrt(anorm2)
+        if rnorm <= btol * bnorm + atol * anorm * np.sqrt(xnorm2):
+            break
+        if arnorm <= atol * anorm * rnorm:
+            break
+    return x, it
+
+
+def lsmr(
+    aprod: Callable[[np.ndarray], np.ndarray],
+    rprod: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    *,
+    max_iter: int,
+    atol: float = 0.0,
+    btol: float = 0.0,
+) -> tuple[np.ndarray, int]:
+    """LSMR (Fong & Saunders 2011) for ``min ||A x - b||``; same interface and stopping
+    tests as ``lsqr`` (``||A^T r||`` decreases monotonically, safer for early stopping)."""
+    u = np.array(b, dtype=np.float32)
+    beta = _norm(u)
+    if beta > 0:
+        u /= np.float32(beta)
+    v = rprod(u)
+    x = np.zeros_like(v)
+    alpha = _norm(v)
+    if beta == 0 or alpha == 0:
+        return x, 0
+    v /= np.float32(alpha)
+    zetabar, alphabar = alpha * beta, alpha
+    rho, rhobar, cbar, sbar = 1.0, 1.0, 1.0, 0.0
+    h = v.copy()
+    hbar = np.zeros_like(v)
+    # ||r|| estimation
+    betadd, betad, rhodold, tautildeold, thetatilde, zeta = beta, 0.0, 1.0, 0.0, 0.0, 0.0
+    anorm2 = alpha * alpha
+    bnorm = beta
+    it = 0
+    for it in range(1, max_iter + 1):
+        u = aprod(v) - np.float32(alpha) * u
+        beta = _norm(u)
+        if beta > 0:
+            u /= np.float32(beta)
+            v = rprod(u) - np.float32(beta) * v
+            alpha = _norm(v)
+            if alpha > 0:
+                v /= np.float32(alpha)
+        rhoold = rho
+        rho = float(np.hypot(alphabar, beta))
+        c, s = alphabar / rho, beta / rho
+        thetanew = s * alpha
+        alphabar = c * alpha
+        rhobarold, zetaold = rhobar, zeta
+        thetabar = sbar * rho
+        rhotemp = cbar * rho
+        rhobar = float(np.hypot(rhotemp, thetanew))
+        cbar, sbar = rhotemp / rhobar, thetanew / rhobar
+        zeta = cbar * zetabar
+        zetabar = -sbar * zetabar
+        hbar *= np.float32(-thetabar * rho / (rhoold * rhobarold))
+        hbar += h
+        x += np.float32(zeta / (rho * rhobar)) * hbar
+        h *= np.float32(-thetanew / rho)
+        h += v
+        # estimate ||r||
+        betahat, betadd = c * betadd, -s * betadd
+        thetatildeold = thetatilde
+        rhotildeold = float(np.hypot(rhodold, thetabar))
+        ctildeold, stildeold = rhodold / rhotildeold, thetabar / rhotildeold
+        thetatilde = stildeold * rhobar
+        rhodold = ctildeold * rhobar
+        betad = -stildeold * betad + ctildeold * betahat
+        tautildeold = (zetaold - thetatildeold * tautildeold) / rhotildeold
+        taud = (zeta - thetatilde * tautildeold) / rhodold
+        rnorm = np.sqrt((betad - taud) ** 2 + betadd * betadd)
+        anorm2 += beta * beta
+        anorm = np.sqrt(anorm2)
+        anorm2 += alpha * alpha
+        arnorm = abs(zetabar)
+        if rnorm <= btol * bnorm + atol * anorm * _norm(x):
+            break
+        if arnorm <= atol * anorm * rnorm:
+            break
+    return x, it
