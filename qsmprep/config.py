@@ -96,6 +96,13 @@ class WorkflowConfig:
             ("bfr", background.METHODS, self.bfr_method, self.bfr_params),
         ):
             accepted = _keyword_parameters(registry[method])
+            if step == "inversion" and "lam" not in accepted and (
+                self.inversion_lambda is not None or self.lambda_rule
+            ):
+                raise ConfigError(
+                    f"inversion method '{method}' has no regularisation weight lambda; set "
+                    f"its parameters with --inversion-param ({', '.join(sorted(accepted))})."
+                )
             for key in params:
                 if key not in accepted:
                     raise ConfigError(

@@ -121,3 +121,11 @@ def test_method_parameters_and_lambda_auto(dataset, tmp_path, capsys):
                     "tkd", "--inversion-param", "treshold=0.15"])
     assert stop.value.code == 64
     assert "treshold" in capsys.readouterr().err
+
+
+def test_lambda_with_a_method_without_lambda_is_refused(dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args([str(dataset), str(tmp_path / "out"), "participant", "--inversion-method",
+                    "tgv", "--lambda", "0.001"])
+    assert stop.value.code == 64
+    assert "no regularisation weight" in capsys.readouterr().err
