@@ -58,6 +58,7 @@ import scipy
 import scipy.fft
 
 from qsmprep.analysis import metrics
+from qsmprep.config import WorkflowConfig
 from qsmprep.recon import background, fieldmap, inversion, reference, unwrap
 from qsmprep.recon import mask as mask_core
 from qsmprep.recon.dipole import forward_field, hz_to_ppm, padded_shape
@@ -69,10 +70,12 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "rc2_head_phantom"
 ECHO_TIMES = (0.004, 0.012, 0.020, 0.028)
 DEEP_GRAY = (1, 2, 3, 4, 5, 6, 7)
 CALCIFICATION = 16
-# CLI defaults (qsmprep/config.py WorkflowConfig) mirrored here
-DEFAULT = {"fieldmap": "nlfit", "unwrap": "region_growing", "bfr": "vsharp", "inversion": "tv"}
-BFR_ERODE_MM = 3.0
-VSHARP_MAX_RADIUS_MM = 12.0
+# the CLI defaults, read from qsmprep/config.py so the "default pipeline" is the CLI's
+_CLI = WorkflowConfig()
+DEFAULT = {"fieldmap": _CLI.fieldmap_method, "unwrap": _CLI.unwrap_method,
+           "bfr": _CLI.bfr_method, "inversion": _CLI.inversion_method}
+BFR_ERODE_MM = _CLI.bfr_erode_mm
+VSHARP_MAX_RADIUS_MM = _CLI.vsharp_max_radius_mm
 FACTORIAL_INVERSIONS = ("tkd", "l2", "tv")
 FACTORIAL_UNWRAPS = ("region_growing", "laplacian")
 CROP_MARGIN = 8  # voxels around the brain kept after the simulation
@@ -293,13 +296,33 @@ def _accepts(func: Callable, name: str) -> bool:
     return name in inspect.signature(func).parameters
 
 
+def inversion_params(method: str, b0_tesla: float, params: dict | None = None) -> dict:
+    """The parameters interfaces/inversion.py adds: the phase scale (B0, mean echo time) of
+    the methods with nonlinear data terms."""
+    out = dict(params or {})
+    if (_accepts(inversion.METHODS[method], "phase_scale") and "phase_scale" not in out
+            and hasattr(inversion, "phase_scale")):
+        out["phase_scale"] = inversion.phase_scale(b0_tesla, float(np.mean(ECHO_TIMES)))
+    return out
+
+
+def invert(case: "Case", local: np.ndarray, mask: np.ndarray, method: str, noise: np.ndarray,
+           direction, **params) -> Step:
+    """One timed inversion through the step API with the CLI's inputs."""
+    kwargs = inversion_params(method, case.scenario.b0_tesla, params)
+    magnitude = case.sim.magnitude[..., 0]
+    return measure(lambda: inversion.invert(
+        local, mask, voxel_size=case.voxel_size, b0_direction=direction, method=method,
+        magnitude=magnitude, noise=noise, **kwargs))
+
+
 def bfr_params(method: str, voxel_size, mask: np.ndarray, noise_hz: np.ndarray) -> dict:
-    """The parameters interfaces/background.py passes (by what the method accepts)."""
+    """The parameters interfaces/background.py passes (V-SHARP radii, PDF noise weight)."""
     func = background.METHODS[method]
     params: dict = {}
     if method == "vsharp" and _accepts(func, "radii_mm"):
         params["radii_mm"] = background.default_radii(voxel_size, VSHARP_MAX_RADIUS_MM)
-    if _accepts(func, "weight"):
+    if method == "pdf" and _accepts(func, "weight"):
         params["weight"] = background.weight_from_noise(noise_hz, mask)
     return params
 
@@ -350,10 +373,8 @@ class Pipeline:
         est = self.field(fm, uw).value
         local_ppm, bfr_mask = loc.value
         noise = hz_to_ppm(est.noise_hz, self.b0)
-        magnitude = self.sim.magnitude[..., 0]
-        step = measure(lambda: inversion.invert(
-            local_ppm, bfr_mask, voxel_size=self.vs, b0_direction=self.direction, method=inv,
-            magnitude=magnitude, noise=noise, **params))
+        case = dataclasses.replace(self.case, sim=self.sim)  # this pipeline's magnitude
+        step = invert(case, local_ppm, bfr_mask, inv, noise, self.direction, **params)
         if not step.error:
             step.value, _ = reference.reference(step.value, bfr_mask, method="mean")
         return step, bfr_mask
@@ -401,28 +422,27 @@ def auto_lambda(noise_ppm: np.ndarray, mask: np.ndarray) -> float:
     return float(0.08 * np.median(noise_ppm[mask]))
 
 
-def inversion_variants(noise_ppm: np.ndarray, mask: np.ndarray) -> list[tuple[str, str, dict]]:
-    """(label, method, params): every registered method with its defaults, plus TV with
+def inversion_variants(noise_ppm: np.ndarray, mask: np.ndarray,
+                       methods: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, method, params): every method of ``methods`` with its defaults, plus TV with
     the noise-scaled weight."""
-    out = [(name, name, {}) for name in inversion.METHODS]
+    out = [(name, name, {}) for name in methods]
     if "tv" in inversion.METHODS:
         lam = auto_lambda(noise_ppm, mask)
         out.append((f"tv (λ {lam:.1e} = 0.08·median σ)", "tv", {"lam": lam}))
     return out
 
 
-def run_true_local(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
+def run_true_local(case: Case, pipe: Pipeline, seed: int,
+                   methods: list[str]) -> list[dict]:
     """Every inversion from the true local field (+ the scenario's noise) on the true mask."""
     est = pipe.field(DEFAULT["fieldmap"], DEFAULT["unwrap"])
     noise = hz_to_ppm(est.value.noise_hz, case.scenario.b0_tesla)
     local = noisy_true_local(case, noise, seed)
-    magnitude = case.sim.magnitude[..., 0]
     rows = []
-    for label, method, params in inversion_variants(noise, case.mask):
+    for label, method, params in inversion_variants(noise, case.mask, methods):
         LOGGER.info("true local field: %s", label)
-        step = measure(lambda: inversion.invert(
-            local, case.mask, voxel_size=case.voxel_size, b0_direction=pipe.direction,
-            method=method, magnitude=magnitude, noise=noise, **params))
+        step = invert(case, local, case.mask, method, noise, pipe.direction, **params)
         row = {"inversion": label, "t_inv": step.seconds, "mem_inv": step.mem_mb,
                "error": step.error}
         if not step.error:
@@ -436,7 +456,6 @@ def run_sensitivity(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
     est = pipe.field(DEFAULT["fieldmap"], DEFAULT["unwrap"])
     noise = hz_to_ppm(est.value.noise_hz, case.scenario.b0_tesla)
     local = noisy_true_local(case, noise, seed)
-    magnitude = case.sim.magnitude[..., 0]
     lam = auto_lambda(noise, case.mask)
     grid = [("tkd", {"threshold": t}) for t in (0.1, 0.15, 0.19, 0.25)]
     grid += [("l2", {"lam": v}) for v in (0.02, 0.01, 0.005, 0.002, 0.001)]
@@ -445,9 +464,7 @@ def run_sensitivity(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
     for method, params in grid:
         if method not in inversion.METHODS:
             continue
-        step = measure(lambda: inversion.invert(
-            local, case.mask, voxel_size=case.voxel_size, b0_direction=pipe.direction,
-            method=method, magnitude=magnitude, noise=noise, **params))
+        step = invert(case, local, case.mask, method, noise, pipe.direction, **params)
         label = f"{method} " + ", ".join(f"{k} {v:.3g}" for k, v in params.items())
         row = {"inversion": label, "t_inv": step.seconds, "mem_inv": step.mem_mb,
                "error": step.error}
@@ -457,12 +474,13 @@ def run_sensitivity(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
     return rows
 
 
-def e2e_combos(factorial: bool, other_unwraps: bool = True) -> list[tuple[str, str, str, str]]:
+def e2e_combos(factorial: bool, other_unwraps: bool = True,
+               methods: list[str] | None = None) -> list[tuple[str, str, str, str]]:
     """(fieldmap, unwrap, bfr, inversion) combinations to run end to end; unwrappers other
     than region growing and Laplacian (scikit-image's is slow) only with ``other_unwraps``."""
     fms = list(fieldmap.METHODS)
     bfrs = list(background.METHODS)
-    invs = [m for m in inversion.METHODS]
+    invs = list(inversion.METHODS) if methods is None else list(methods)
     d = DEFAULT
     combos: list[tuple[str, str, str, str]] = []
     if factorial:
@@ -495,9 +513,10 @@ def common_mask(masks: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
     return out
 
 
-def run_e2e(case: Case, pipe: Pipeline, factorial: bool, other_unwraps: bool) -> list[dict]:
+def run_e2e(case: Case, pipe: Pipeline, factorial: bool, other_unwraps: bool,
+            methods: list[str]) -> list[dict]:
     rows = []
-    combos = e2e_combos(factorial, other_unwraps)
+    combos = e2e_combos(factorial, other_unwraps, methods)
     d = DEFAULT
     masks = [pipe.local(d["fieldmap"], d["unwrap"], b) for b in background.METHODS]
     pipe.common = common_mask([m.value[1] for m in masks if not m.error], case.mask)
@@ -555,7 +574,6 @@ def run_diagnosis(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
     _, eval_mask = loc.value
     b0 = case.scenario.b0_tesla
     noise = hz_to_ppm(est.value.noise_hz, b0)
-    magnitude = case.sim.magnitude[..., 0]
     vs, direction = case.voxel_size, pipe.direction
     noisy_local = noisy_true_local(case, noise, seed)
     rng = np.random.default_rng(seed + 1)
@@ -564,9 +582,7 @@ def run_diagnosis(case: Case, pipe: Pipeline, seed: int) -> list[dict]:
                            + rng.standard_normal(sigma.shape).astype(np.float32) * sigma, 0)
 
     def tv(field, mask, label):
-        step = measure(lambda: inversion.invert(field, mask, voxel_size=vs, b0_direction=direction,
-                                                method=d["inversion"], magnitude=magnitude,
-                                                noise=noise))
+        step = invert(case, field, mask, d["inversion"], noise, direction)
         row = {"input": label, "t_inv": step.seconds, "error": step.error}
         if not step.error:
             row.update(score(step.value, case, eval_mask))
@@ -599,7 +615,6 @@ def run_bfr_isolated(case: Case, pipe: Pipeline) -> list[dict]:
     d = DEFAULT
     est = pipe.field(d["fieldmap"], d["unwrap"])
     noise = hz_to_ppm(est.value.noise_hz, case.scenario.b0_tesla)
-    magnitude = case.sim.magnitude[..., 0]
     rows, maps = [], []
     for bfr in background.METHODS:
         params = bfr_params(bfr, case.voxel_size, pipe.eroded, est.value.noise_hz)
@@ -613,9 +628,7 @@ def run_bfr_isolated(case: Case, pipe: Pipeline) -> list[dict]:
             ideal = forward_field((case.chi - case.chi[bmask].mean()) * bmask, case.voxel_size,
                                   pipe.direction, pad=list(bmask.shape))
             row["field_nrmse"] = _nrmse_field(local, ideal, bmask)
-            inv = measure(lambda: inversion.invert(
-                local, bmask, voxel_size=case.voxel_size, b0_direction=pipe.direction,
-                method=d["inversion"], magnitude=magnitude, noise=noise))
+            inv = invert(case, local, bmask, d["inversion"], noise, pipe.direction)
             if inv.error:
                 row["error"] = inv.error
             else:
@@ -653,7 +666,8 @@ def run_timing(case: Case, pipe: Pipeline, repeats: int = 3) -> list[dict]:
             **params),
         f"dipole inversion ({d['inversion']})": lambda: inversion.invert(
             local, bmask, voxel_size=vs, b0_direction=pipe.direction, method=d["inversion"],
-            magnitude=sim.magnitude[..., 0], noise=noise),
+            magnitude=sim.magnitude[..., 0], noise=noise,
+            **inversion_params(d["inversion"], b0)),
     }
     rows = []
     for name, fn in steps.items():
@@ -731,6 +745,12 @@ def render(report: dict) -> str:
     elif report.get("crosscheck_skipped"):
         out(f"Forward cross-check skipped: {report['crosscheck_skipped']}")
         out("")
+    if report.get("skipped"):
+        out("After the first scenario, inversions that failed or took longer than `--slow` "
+            "from the true local field there are not repeated: "
+            + ", ".join(f"{m} ({why})" for m, why in report["skipped"].items())
+            + " (`--all-methods` runs them everywhere).")
+        out("")
     for sc in report["scenarios"]:
         out(f"### {sc['name']}")
         out("")
@@ -746,8 +766,9 @@ def render(report: dict) -> str:
             out(f"| {r['inversion']} | {_metric_cells(r)} | {_f(r['t_inv'])} | "
                 f"{_f(r['mem_inv'], '{:.0f}')} |")
         out("")
-        out("**End to end from the simulated phase** (provided true brain mask; erosion 3 mm; "
-            "times and memory per step: field estimation / background removal / inversion):")
+        out("**End to end from the simulated phase** (provided true brain mask; erosion "
+            f"{BFR_ERODE_MM:g} mm; the CLI default is {' → '.join(DEFAULT.values())}; times "
+            "and memory per step: field estimation / background removal / inversion):")
         out("")
         cov = sc.get("common_coverage")
         out(f"| fieldmap | unwrap | bfr | inversion | {METRIC_HEAD} | NRMSE % on the common "
@@ -858,6 +879,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--factorial", choices=("first", "all", "none"), default="first",
                         help="full fieldmap x unwrap x bfr x {tkd,l2,tv} in the first scenario "
                              "(default), every scenario or none (one factor at a time)")
+    parser.add_argument("--inversions", nargs="+",
+                        help="inversion methods to run (default: every registered one)")
+    parser.add_argument("--slow", type=float, default=60.0,
+                        help="after the first scenario, skip inversions that took longer (s) "
+                             "from the true local field there, except the default (60)")
+    parser.add_argument("--all-methods", action="store_true",
+                        help="run every inversion in every scenario (no --slow skipping)")
     parser.add_argument("--threads", type=int, default=2, help="FFT/numba threads (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-qsm-forward", action="store_true", help="skip the cross-check")
@@ -900,6 +928,10 @@ def main(argv: list[str] | None = None) -> None:
         report["crosscheck"] = forward_crosscheck(phantom, qsm_forward)
 
     scenarios = [Scenario(b, s) for b in b0s for s in snrs]
+    methods = [m for m in (args.inversions or inversion.METHODS) if m in inversion.METHODS]
+    if DEFAULT["inversion"] not in methods:
+        methods.insert(0, DEFAULT["inversion"])
+    report["skipped"] = {}
     for index, scenario in enumerate(scenarios):
         LOGGER.info("scenario %s", scenario.name)
         first = index == 0
@@ -915,16 +947,28 @@ def main(argv: list[str] | None = None) -> None:
             "median_noise_ppm": float(np.median(noise_ppm[case.mask])),
             "median_noise_hz": float(np.median(est.value.noise_hz[case.mask])),
         }
-        sc["true_local"] = run_true_local(case, pipe, args.seed)
+        sc["true_local"] = run_true_local(case, pipe, args.seed, methods)
         factorial = args.factorial == "all" or (args.factorial == "first" and first)
-        sc["e2e"] = run_e2e(case, pipe, factorial, other_unwraps=first)
+        sc["e2e"] = run_e2e(case, pipe, factorial, other_unwraps=first, methods=methods)
+        if first and not args.all_methods:
+            slow = {r["inversion"]: r["t_inv"] for r in sc["true_local"]
+                    if r["inversion"] in methods and r["inversion"] != DEFAULT["inversion"]
+                    and (r.get("error") or r["t_inv"] > args.slow)}
+            report["skipped"] = {m: ("failed" if not math.isfinite(t) else f"{t:.0f} s")
+                                 for m, t in slow.items()}
+            methods = [m for m in methods if m not in slow]
         if pipe.common is not None:
             sc["common_coverage"] = 100.0 * pipe.common.sum() / case.mask.sum()
+        LOGGER.info("default pipeline with qsmprep's own brain mask")
         sc["auto_mask"] = run_auto_mask(case)
         if first:
+            LOGGER.info("diagnosis")
             sc["diagnosis"] = run_diagnosis(case, pipe, args.seed)
+            LOGGER.info("background removal alone")
             sc["bfr_isolated"] = run_bfr_isolated(case, pipe)
+            LOGGER.info("regularisation sensitivity")
             sc["sensitivity"] = run_sensitivity(case, pipe, args.seed)
+            LOGGER.info("best-of-3 timing")
             sc["timing"] = run_timing(case, pipe)
             if qsm_forward is not None:
                 LOGGER.info("qsm-forward simulation")
