@@ -6,17 +6,17 @@ block-averaged, Gaussian noise 0.001 ppm / magnitude), a variant with two CSF-fi
 ../shared/data). Default parameters unless stated.
 
 Measured NRMSE % (demeaned in the mask; TKD / closed-form L2 / MEDI / L2-MEDI / TV-MEDI):
-  64^3 2 mm iso          42.1 / 30.3 / 14.2 / 17.1 / 13.6   (tv_admm 13.0)
-  64^3 oblique 20 deg    42.4 / 34.9 / 14.3 / 17.2 / 13.7   (MEDI with B0 = z: 55.9)
+  64^3 2 mm iso          42.1 / 30.3 / 12.3 / 17.1 / 13.6   (tv_admm 13.0)
+  64^3 oblique 20 deg    42.4 / 34.9 / 12.9 / 17.2 / 13.7   (MEDI with B0 = z: 61.2)
   QSM challenge 2.0 labels at 2.56 mm, noise 0.002 ppm / magnitude (noise-map weights):
                          58.0 / 53.2 / 36.0 / 42.9 / 35.7   (tv_admm 38.5)
-                         MEDI HFEN 24.5%, XSIM 0.856; TV-MEDI 21.9%, 0.869
+                         MEDI HFEN 23.9%, XSIM 0.854; TV-MEDI 21.9%, 0.869
 MEDI options on the 64^3 phantom: a harmonic residual background (-0.017..0.025 ppm) raises
-MEDI to 107%, SMV preconditioning (5 mm) brings it back to 21.5% (8 mm: 17.6%); 1% outlier
-voxels off by 0.1 ppm: 168% without, 22.5% with merit re-weighting (13.1% with tol=0.01).
-MEDI+0 on the ventricle phantom: CSF standard deviation 0.0029 -> 0.0009 ppm,
-CSF-referenced NRMSE 17.9 -> 17.4% (challenge labels: CSF sd 0.0118 -> 0.0040 ppm,
-CSF-referenced 29.4 -> 27.9%, demeaned 36.0 -> 34.2%).
+MEDI to 115%, SMV preconditioning (5 mm) brings it back to 19.0% (8 mm: 15.3%); 1% outlier
+voxels off by 0.1 ppm: 179% without, 13.0% with merit re-weighting. MEDI+0 on the
+ventricle phantom: CSF standard deviation 0.0032 -> 0.0009 ppm, CSF-referenced NRMSE
+15.3 -> 14.9% (challenge labels: CSF sd 0.0121 -> 0.0040 ppm, CSF-referenced
+29.5 -> 28.4%, demeaned 36.0 -> 34.7%).
 """
 
 from __future__ import annotations
@@ -127,16 +127,16 @@ def test_rc2_head_phantom():
     l2 = _err(inversion.closed_form_l2(f, p.mask, **_kw(p)), p)  # 53.2
     chi = M.medi(f, p.mask, **kw)
     assert _err(chi, p) < 38.5  # 36.0; tv_admm 38.5 (tests/test_inversion.py)
-    assert metrics.hfen(chi, p.chi, p.mask) < 28.0  # 24.5
-    assert metrics.xsim(chi, p.chi, p.mask) > 0.83  # 0.856
+    assert metrics.hfen(chi, p.chi, p.mask) < 28.0  # 23.9
+    assert metrics.xsim(chi, p.chi, p.mask) > 0.83  # 0.854
     assert _err(M.tv_medi(f, p.mask, **kw), p) < 39.0  # 35.7
     assert _err(M.l2_medi(f, p.mask, **kw), p) < min(47.0, l2)  # 42.9
     # MEDI+0 with the phantom's CSF label: uniform CSF and a lower error
     csf = p.labels == 10
     chi0 = M.medi(f, p.mask, csf_mask=csf, **kw)
     assert abs(float(chi0[csf].mean())) < 1e-6
-    assert chi0[csf].std() < 0.5 * chi[csf].std()  # 0.0040 vs 0.0118 ppm
-    assert _err(chi0, p) < _err(chi, p) - 1.0  # 34.2 vs 36.0
+    assert chi0[csf].std() < 0.5 * chi[csf].std()  # 0.0040 vs 0.0121 ppm
+    assert _err(chi0, p) < _err(chi, p) - 0.5  # 34.7 vs 36.0
 
 
 def test_medi_plus_zero_csf_reference():
@@ -150,12 +150,12 @@ def test_medi_plus_zero_csf_reference():
     assert abs(float(plain[csf].mean())) > 0.005
     assert np.all(zero[~p.mask] == 0) and zero.dtype == np.float32
     # the CSF is uniform ...
-    assert zero[csf].std() < 0.5 * plain[csf].std()  # 0.0009 vs 0.0029 ppm
+    assert zero[csf].std() < 0.5 * plain[csf].std()  # 0.0009 vs 0.0032 ppm
     # ... and the CSF-referenced map is closer to the CSF-referenced truth
     truth0, _ = ref.reference(truth, p.mask, method="roi", roi=csf)
     plain0, _ = ref.reference(plain, p.mask, method="roi", roi=csf)
-    e_plain = metrics.nrmse(plain0, truth0, p.mask, demean=False)  # 17.9
-    e_zero = metrics.nrmse(zero, truth0, p.mask, demean=False)  # 17.4
+    e_plain = metrics.nrmse(plain0, truth0, p.mask, demean=False)  # 15.3
+    e_zero = metrics.nrmse(zero, truth0, p.mask, demean=False)  # 14.9
     assert e_zero < e_plain < 20.0
     # a stronger CSF weight makes the CSF more uniform still
     strong = M.medi(f, p.mask, csf_mask=csf, lam_csf=1e4, **kw)
@@ -170,9 +170,9 @@ def test_medi_smv_and_merit():
     x, y, _ = np.meshgrid(*[(np.arange(n) - n / 2) * 2.0 for n in p.mask.shape], indexing="ij")
     harmonic = (0.02 * x / 60 + 0.02 * (x**2 - y**2) / 60**2).astype(np.float32)
     g = np.where(p.mask, f + harmonic, 0).astype(np.float32)
-    plain = _err(M.medi(g, p.mask, **kw), p)  # 107
+    plain = _err(M.medi(g, p.mask, **kw), p)  # 115
     smv = M.medi(g, p.mask, smv_radius_mm=5.0, **kw)
-    assert _err(smv, p) < 25.0 < plain  # 21.5
+    assert _err(smv, p) < 25.0 < plain  # 19.0
     # the SMV high-pass removes harmonic fields exactly: same result without them
     np.testing.assert_allclose(smv, M.medi(f, p.mask, smv_radius_mm=5.0, **kw), atol=2e-4)
     # merit re-weighting: 1% outliers of 0.1 ppm
@@ -180,10 +180,9 @@ def test_medi_smv_and_merit():
     out = p.mask & (rng.random(p.mask.shape) < 0.01)
     h = f.copy()
     h[out] += (rng.choice([-1, 1], int(out.sum())) * 0.1).astype(np.float32)
-    without = _err(M.medi(h, p.mask, **kw), p)  # 168
+    without = _err(M.medi(h, p.mask, **kw), p)  # 179
     assert without > 100.0
-    # (22.5; 13.1 with tol=0.01: the re-weighting acts through the iterations that follow it)
-    assert _err(M.medi(h, p.mask, merit=True, **kw), p) < 0.2 * without
+    assert _err(M.medi(h, p.mask, merit=True, **kw), p) < 17.0  # 13.0
 
 
 def test_edge_mask():
