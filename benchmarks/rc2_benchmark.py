@@ -433,9 +433,42 @@ def inversion_variants(noise_ppm: np.ndarray, mask: np.ndarray,
     return out
 
 
+def lambda_rules() -> tuple[str, ...]:
+    """The ``--lambda auto`` rules of the CLI (``inversion.lambda_choice``), if present."""
+    try:
+        from qsmprep.recon.inversion import lambda_choice  # noqa: F401
+    except ImportError:
+        return ()
+    return ("discrepancy", "lcurve")
+
+
+def invert_auto(case: Case, local: np.ndarray, mask: np.ndarray, rule: str, noise: np.ndarray,
+                direction) -> Step:
+    """The default inversion with λ chosen by ``rule`` as ``--lambda auto`` does (the time
+    includes the choice); the step's value is ``(chi, lam)``."""
+    from qsmprep.recon.inversion import lambda_choice
+
+    method = DEFAULT["inversion"]
+    params = inversion_params(method, case.scenario.b0_tesla)
+    magnitude = case.sim.magnitude[..., 0]
+
+    def run():
+        choice = lambda_choice.choose(local, mask, rule=rule, voxel_size=case.voxel_size,
+                                      b0_direction=direction, method=method,
+                                      magnitude=magnitude, noise=noise, **params)
+        lam = float(choice.lam)
+        chi = inversion.invert(local, mask, voxel_size=case.voxel_size, b0_direction=direction,
+                               method=method, magnitude=magnitude, noise=noise, lam=lam,
+                               **params)
+        return chi, lam
+
+    return measure(run)
+
+
 def run_true_local(case: Case, pipe: Pipeline, seed: int,
-                   methods: list[str]) -> list[dict]:
-    """Every inversion from the true local field (+ the scenario's noise) on the true mask."""
+                   methods: list[str], rules: tuple[str, ...] = ()) -> list[dict]:
+    """Every inversion from the true local field (+ the scenario's noise) on the true mask;
+    with ``rules`` also the default inversion with λ chosen by each rule."""
     est = pipe.field(DEFAULT["fieldmap"], DEFAULT["unwrap"])
     noise = hz_to_ppm(est.value.noise_hz, case.scenario.b0_tesla)
     local = noisy_true_local(case, noise, seed)
@@ -447,6 +480,16 @@ def run_true_local(case: Case, pipe: Pipeline, seed: int,
                "error": step.error}
         if not step.error:
             row.update(score(step.value, case, case.mask))
+        rows.append(row)
+    for rule in rules:
+        LOGGER.info("true local field: %s with λ by %s", DEFAULT["inversion"], rule)
+        step = invert_auto(case, local, case.mask, rule, noise, pipe.direction)
+        row = {"inversion": f"{DEFAULT['inversion']} (λ by {rule})", "t_inv": step.seconds,
+               "mem_inv": step.mem_mb, "error": step.error}
+        if not step.error:
+            chi, lam = step.value
+            row["inversion"] = f"{DEFAULT['inversion']} (λ {lam:.1e} by {rule})"
+            row.update(score(chi, case, case.mask))
         rows.append(row)
     return rows
 
@@ -514,7 +557,7 @@ def common_mask(masks: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
 
 
 def run_e2e(case: Case, pipe: Pipeline, factorial: bool, other_unwraps: bool,
-            methods: list[str]) -> list[dict]:
+            methods: list[str], rules: tuple[str, ...] = ()) -> list[dict]:
     rows = []
     combos = e2e_combos(factorial, other_unwraps, methods)
     d = DEFAULT
@@ -524,6 +567,24 @@ def run_e2e(case: Case, pipe: Pipeline, factorial: bool, other_unwraps: bool,
         LOGGER.info("end to end: %s / %s / %s / %s", fm, uw, bfr, inv)
         step, bfr_mask = pipe.chi(fm, uw, bfr, inv)
         rows.append(_e2e_row(case, pipe, (fm, uw, bfr, inv), step, bfr_mask))
+    # the default inversion with λ by the CLI's --lambda auto rules
+    d = DEFAULT
+    loc = pipe.local(d["fieldmap"], d["unwrap"], d["bfr"])
+    est = pipe.field(d["fieldmap"], d["unwrap"])
+    for rule in rules:
+        if loc.error or est.error:
+            break
+        LOGGER.info("end to end: default with λ by %s", rule)
+        local_ppm, bmask = loc.value
+        step = invert_auto(case, local_ppm, bmask, rule,
+                           hz_to_ppm(est.value.noise_hz, case.scenario.b0_tesla), pipe.direction)
+        label = f"{d['inversion']} (λ by {rule})"
+        if not step.error:
+            chi, lam = step.value
+            step.value, _ = reference.reference(chi, bmask, method="mean")
+            label = f"{d['inversion']} (λ {lam:.1e} by {rule})"
+        rows.append(_e2e_row(case, pipe, (d["fieldmap"], d["unwrap"], d["bfr"], label), step,
+                             bmask))
     # TV with the noise-scaled weight on the default upstream
     est = pipe.field(DEFAULT["fieldmap"], DEFAULT["unwrap"])
     if not est.error and "tv" in inversion.METHODS:
@@ -947,9 +1008,11 @@ def main(argv: list[str] | None = None) -> None:
             "median_noise_ppm": float(np.median(noise_ppm[case.mask])),
             "median_noise_hz": float(np.median(est.value.noise_hz[case.mask])),
         }
-        sc["true_local"] = run_true_local(case, pipe, args.seed, methods)
+        rules = lambda_rules() if first else ()
+        sc["true_local"] = run_true_local(case, pipe, args.seed, methods, rules)
         factorial = args.factorial == "all" or (args.factorial == "first" and first)
-        sc["e2e"] = run_e2e(case, pipe, factorial, other_unwraps=first, methods=methods)
+        sc["e2e"] = run_e2e(case, pipe, factorial, other_unwraps=first, methods=methods,
+                            rules=rules)
         if first and not args.all_methods:
             slow = {r["inversion"]: r["t_inv"] for r in sc["true_local"]
                     if r["inversion"] in methods and r["inversion"] != DEFAULT["inversion"]
