@@ -1,0 +1,1116 @@
+"""Chemical-shift-encoded water-fat separation and field mapping (METHODS.md section 5).
+
+Signal of echo ``n`` at echo time ``t_n`` (s)::
+
+    s_n = (rho_W + rho_F c_n) exp((-R2* + i 2 pi psi) t_n),   c_n = sum_p a_p exp(i 2 pi f_p t_n)
+
+with complex water/fat amplitudes ``rho_W``, ``rho_F``, one R2* (1/s), the field map ``psi``
+(Hz) and the fat spectrum ``f_p = gamma_bar B0 (ppm_p - ppm_water) 1e-6`` Hz with relative
+amplitudes ``a_p`` (sum 1). ``phase_sign=-1`` (clockwise precession, the opposite phase
+handedness) conjugates the data first, so the returned field is always the physical one in
+the convention of :mod:`qsmprep.recon.fieldmap`.
+
+Pipeline of :func:`separate`:
+
+1. **Grid search (VARPRO).** For fixed ``(psi, R2*)`` the amplitudes follow by linear least
+   squares; the relative residual is ``1 - y^H P(R2*) y / ||s||^2`` with ``y_n = s_n
+   exp(-i 2 pi psi t_n)`` and the projector ``P`` onto the two basis vectors. It is a real
+   bilinear form in the echo products ``conj(s_m) s_n``: one float32 matrix product
+   ``[voxels x E^2] @ [E^2 x (n_R2* n_psi)]`` evaluates every grid point for every voxel.
+   The psi grid spans one period ``1/min(dTE)`` (the residual's period for uniform echoes).
+2. **Candidates.** The (up to ``n_candidates``) lowest local minima over psi (minimised over
+   R2*) per voxel, refined to sub-grid precision by parabolic interpolation. Water/fat
+   ambiguity: pure water and pure fat voxels have two near-equal minima about the main fat
+   frequency apart.
+3. **Spatial regularisation (multi-resolution ICM).** The complex echoes are summed over
+   2x2x2 blocks into a pyramid (mixed blocks have one clear minimum); on the coarsest level
+   the best candidate starts iterated conditional modes: each voxel takes the candidate
+   minimising ``residual + smoothness (d(psi, psi_smooth) / f_fat)^2``, ``psi_smooth`` the
+   signal- and confidence-weighted Gaussian average of its neighbourhood (phasor average,
+   so periodic), ``d`` the periodic distance. The coarse map is the prior of the next finer
+   level. This resolves the ambiguity the way hierarchical graph cuts do (hmrGC), measured
+   in ``benchmarks/RESULTS.md``.
+4. **Spatial unwrapping** of ``2 pi psi / period`` (region growing, exact multiples) so the
+   field can exceed ``+-1/(2 dTE)``; each connected part takes the branch with mean nearest
+   0 Hz.
+5. **Continuous refinement**: Levenberg-Marquardt on the variable-projection functional in
+   ``(psi, R2*)`` (Kaufman's Jacobian ``-(I - P) dA/dtheta rho``), amplitudes by linear
+   least squares; non-uniform echo spacing needs nothing special.
+6. **Noise and swaps.** Field standard deviation ``sqrt(sigma^2 [Re(J^H J)]^-1_psi)`` with
+   ``sigma^2`` from the local residuals (``||r||^2 / (2E - 6)``; three echoes: from the
+   map's spatial smoothness); :func:`detect_swaps` flags voxels whose field departs from its
+   robust smooth surrounding by more than half the main fat frequency and field jumps
+   between neighbours, and logs a warning.
+
+The seed-000 baseline ``inphase`` (:func:`inphase_field`) ignores chemical shift: a
+single-frequency nonlinear fit (:func:`qsmprep.recon.fieldmap.estimate`) on the echoes where
+the main fat peak is in phase with water. The other fat peaks are not in phase there, so the
+field is biased in proportion to the fat fraction (tens of Hz, i.e. 0.05-0.2 ppm at 3 T for
+PDFF 50-100%, the size of the bone signal): use it only to reproduce that study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from . import fieldmap
+from . import unwrap as unwrap_module
+from .dipole import GAMMA_BAR_MHZ_PER_T
+
+LOGGER = logging.getLogger("qsmprep")
+
+_TWO_PI = 2.0 * np.pi
+
+
+# ---------------------------------------------------------------------------------------
+# fat spectra
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FatModel:
+    """A fat spectrum: peak shifts (ppm relative to water at ``water_ppm``) and amplitudes.
+
+    ``water_ppm`` is the water chemical shift (ppm) the table was defined with; the absolute
+    fat shifts are ``ppm + water_ppm``. :func:`fat_frequencies_hz` re-references them to the
+    water shift of the scan (temperature: about 4.65 ppm at body, 4.7 at room temperature).
+    Amplitudes are normalised to sum 1.
+    """
+
+    name: str
+    ppm: tuple[float, ...]
+    amplitude: tuple[float, ...]
+    water_ppm: float = 4.7
+
+    @property
+    def main_ppm(self) -> float:
+        """Shift (ppm, relative to water) of the strongest peak."""
+        return float(self.ppm[int(np.argmax(self.amplitude))])
+
+
+def _normalised(amplitudes: Sequence[float]) -> tuple[float, ...]:
+    values = np.asarray(amplitudes, dtype=float)
+    return tuple(float(v) for v in values / values.sum())
+
+
+#: Built-in fat spectra (METHODS.md section 5 table).
+FAT_MODELS: dict[str, FatModel] = {
+    "ismrm": FatModel(
+        "ismrm", (-3.80, -3.40, -2.60, -1.94, -0.39, 0.60),
+        _normalised((0.087, 0.693, 0.128, 0.004, 0.039, 0.048)), 4.7,
+    ),
+    "ren_marrow": FatModel(
+        "ren_marrow", (-3.80, -3.40, -3.10, -2.68, -2.46, -1.95, -0.50, 0.49, 0.59),
+        _normalised((0.0899, 0.5834, 0.0599, 0.0849, 0.0599, 0.0150, 0.0400, 0.0100, 0.0569)),
+        4.7,
+    ),
+    "scanner7": FatModel(
+        "scanner7", (-3.30, -2.57, 0.71, -3.70, -3.01, -2.35, -1.83),
+        _normalised((0.625, 0.095, 0.042, 0.085, 0.071, 0.066, 0.016)), 4.60,
+    ),
+    "single": FatModel("single", (-3.40,), (1.0,), 4.7),
+}
+
+FAT_MODEL_DESCRIPTIONS = {
+    "ismrm": "ISMRM fat-water toolbox 6-peak liver spectrum (Hamilton et al. 2011)",
+    "ren_marrow": "9-peak bone-marrow spectrum (Ren et al. 2008)",
+    "scanner7": "7-peak scanner spectrum (water at 4.60 ppm)",
+    "single": "single fat peak at -3.4 ppm",
+}
+
+
+def fat_model_from_table(
+    ppm: Sequence[float],
+    amplitude: Sequence[float],
+    *,
+    water_ppm: float = 4.7,
+    absolute: bool = False,
+    name: str = "table",
+) -> FatModel:
+    """A user fat spectrum from peak shifts (ppm) and relative amplitudes.
+
+    ``absolute=False``: shifts relative to water (e.g. -3.4 for methylene); ``absolute=True``:
+    chemical shifts on the ppm scale (e.g. 1.3), converted with ``water_ppm``.
+    """
+    shifts = np.asarray(ppm, dtype=float).ravel()
+    amps = np.asarray(amplitude, dtype=float).ravel()
+    if shifts.size == 0 or shifts.size != amps.size:
+        raise ValueError(f"a fat table needs as many shifts as amplitudes (>= 1), got "
+                         f"{shifts.size} shifts and {amps.size} amplitudes.")
+    if not (np.isfinite(shifts).all() and np.isfinite(amps).all()):
+        raise ValueError("fat table shifts and amplitudes must be finite numbers.")
+    if np.any(amps < 0) or amps.sum() <= 0:
+        raise ValueError("fat table amplitudes must be >= 0 with a positive sum.")
+    if absolute:
+        shifts = shifts - water_ppm
+    if np.any(np.abs(shifts) > 10):
+        raise ValueError(f"fat peak shifts {shifts.tolist()} ppm are not relative to water "
+                         "(|shift| <= 10 ppm); pass absolute=True for ppm-scale values.")
+    return FatModel(name, tuple(float(v) for v in shifts), _normalised(amps), float(water_ppm))
+
+
+def parse_fat_table(text: str, *, water_ppm: float = 4.7) -> FatModel:
+    """A fat spectrum from ``"ppm:amplitude,ppm:amplitude,..."`` or from the text of a table
+    with two columns (ppm, amplitude; whitespace/comma/tab separated, ``#`` comments, an
+    optional header line). Shifts above 0.9 ppm on average are taken as absolute ppm values."""
+    rows = []
+    chunks = text.replace(";", "\n").replace(",", "\n" if ":" in text else ",").splitlines()
+    for line in chunks:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = [p for p in line.replace(":", " ").replace(",", " ").replace("\t", " ").split()]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            if rows:
+                raise ValueError(f"cannot read fat table line {line!r}: expected two numbers "
+                                 "(ppm, amplitude).") from None
+            continue  # header
+        if len(values) != 2:
+            raise ValueError(f"fat table line {line!r}: expected two numbers (ppm, amplitude).")
+        rows.append(values)
+    if not rows:
+        raise ValueError("the fat table is empty: give lines of 'ppm amplitude'.")
+    table = np.asarray(rows)
+    absolute = float(np.mean(table[:, 0])) > 0.9
+    return fat_model_from_table(table[:, 0], table[:, 1], water_ppm=water_ppm,
+                                absolute=absolute, name="table")
+
+
+def get_fat_model(model: str | FatModel) -> FatModel:
+    """A :class:`FatModel` from a built-in name (:data:`FAT_MODELS`) or a model."""
+    if isinstance(model, FatModel):
+        return model
+    key = str(model).strip().lower().replace("-", "_")
+    aliases = {"ismrm6": "ismrm", "hamilton": "ismrm", "ren": "ren_marrow", "marrow": "ren_marrow",
+               "scanner": "scanner7", "siemens7": "scanner7", "single_peak": "single"}
+    key = aliases.get(key, key)
+    if key not in FAT_MODELS:
+        raise ValueError(f"unknown fat model {model!r}; choose one of {sorted(FAT_MODELS)} or "
+                         "give a table of (ppm, amplitude) pairs.")
+    return FAT_MODELS[key]
+
+
+def fat_frequencies_hz(
+    model: str | FatModel, b0_tesla: float, *, water_ppm: float | None = None
+) -> np.ndarray:
+    """Fat peak frequencies (Hz) relative to water at ``b0_tesla`` (T).
+
+    ``water_ppm``: the water shift of the scan (None: the model's own reference).
+    """
+    model = get_fat_model(model)
+    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
+        raise ValueError(f"b0_tesla must be positive (T), got {b0_tesla!r}.")
+    shift = np.asarray(model.ppm, dtype=float)
+    if water_ppm is not None:
+        if not 3.0 < float(water_ppm) < 6.0:
+            raise ValueError(f"water_ppm {water_ppm} is not a water shift (about 4.6-4.7 ppm).")
+        shift = shift + model.water_ppm - float(water_ppm)
+    return GAMMA_BAR_MHZ_PER_T * float(b0_tesla) * shift
+
+
+def fat_signal(
+    echo_times: Sequence[float],
+    b0_tesla: float,
+    model: str | FatModel = "ismrm",
+    *,
+    water_ppm: float | None = None,
+) -> np.ndarray:
+    """Normalised fat signal ``c_n = sum_p a_p exp(i 2 pi f_p t_n)`` (complex128, per echo)."""
+    model = get_fat_model(model)
+    times = np.asarray(echo_times, dtype=float).ravel()
+    freqs = fat_frequencies_hz(model, b0_tesla, water_ppm=water_ppm)
+    amps = np.asarray(model.amplitude, dtype=float)
+    return np.exp(1j * _TWO_PI * times[:, None] * freqs[None, :]) @ amps
+
+
+# ---------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SwapReport:
+    """Verdict of :func:`detect_swaps`.
+
+    ``verdict``: ``"none"`` (no evidence of water/fat swaps), ``"suspect"`` or ``"swapped"``;
+    ``fraction``: fraction of mask voxels whose field departs from its robust surrounding by
+    more than half the main fat frequency; ``jump_fraction``: fraction of neighbouring voxel
+    pairs in the mask with a field step above that; ``message``: one line for logs/reports.
+    """
+
+    verdict: str
+    fraction: float
+    jump_fraction: float
+    message: str
+
+
+@dataclasses.dataclass
+class WaterFatResult:
+    """Result of :func:`separate` (all maps float32/complex64 ``[x, y, z]``, 0 outside mask).
+
+    ``field_hz`` total field (Hz, unwrapped); ``r2star`` (1/s); ``water``, ``fat`` complex
+    amplitudes at TE = 0 (units of the signal); ``pdff`` proton-density fat fraction (%,
+    ``100 |F| / (|W| + |F|)``); ``noise_hz`` field standard deviation (Hz); ``residual``
+    relative residual ``||s - model||^2 / ||s||^2``; ``swaps`` the :class:`SwapReport`;
+    ``parameters`` the settings (for sidecars).
+    """
+
+    field_hz: np.ndarray
+    r2star: np.ndarray
+    water: np.ndarray
+    fat: np.ndarray
+    pdff: np.ndarray
+    noise_hz: np.ndarray
+    residual: np.ndarray
+    swaps: SwapReport
+    fat_model: FatModel
+    echo_times: np.ndarray
+    b0_tesla: float
+    parameters: dict
+
+    @property
+    def opposed_phase(self) -> np.ndarray:
+        """Opposed-phase-like image ``| |W| - |F| |`` (edge image of the calcaneus study)."""
+        return np.abs(np.abs(self.water) - np.abs(self.fat)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------
+
+
+def as_complex(magnitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """Complex64 signal ``magnitude exp(i phase)`` (phase in rad)."""
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    phase = np.asarray(phase, dtype=np.float32)
+    if magnitude.shape != phase.shape:
+        raise ValueError(f"magnitude {magnitude.shape} and phase {phase.shape} shapes differ.")
+    return (magnitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign):
+    data = np.asarray(signal)
+    if data.ndim != 4:
+        raise ValueError(f"signal must be 4D complex [x, y, z, echo], got shape {data.shape}.")
+    if not np.iscomplexobj(data):
+        raise ValueError("signal must be complex (use as_complex(magnitude, phase)).")
+    times = np.asarray(echo_times, dtype=np.float64).ravel()
+    n_echoes = data.shape[3]
+    if times.size != n_echoes:
+        raise ValueError(f"{times.size} echo times for {n_echoes} echoes.")
+    if n_echoes < 3:
+        raise ValueError(f"water-fat separation with R2* needs >= 3 echoes, got {n_echoes}; "
+                         "use the inphase or nlfit field map for fewer echoes.")
+    if not np.all(np.isfinite(times)) or np.any(times <= 0) or np.any(times >= 1):
+        raise ValueError(f"echo times must be in seconds in (0, 1), got {times.tolist()}.")
+    if np.any(np.diff(times) <= 0):
+        raise ValueError(f"echo times must be strictly increasing, got {times.tolist()}.")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != data.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} differs from the data {data.shape[:3]}.")
+    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
+        raise ValueError(f"b0_tesla must be positive (T), got {b0_tesla!r}.")
+    if phase_sign not in (1, -1):
+        raise ValueError(f"phase_sign must be +1 or -1, got {phase_sign!r}.")
+    data = data.astype(np.complex64, copy=False)
+    finite = np.isfinite(data.real).all(axis=3) & np.isfinite(data.imag).all(axis=3)
+    mask = mask & finite
+    if phase_sign == -1:
+        data = np.conj(data)
+    return data, times, mask
+
+
+# ---------------------------------------------------------------------------------------
+# grid search
+# ---------------------------------------------------------------------------------------
+
+
+def default_r2star_grid(r2star_max: float = 500.0) -> np.ndarray:
+    """R2* values (1/s) of the grid search: denser at low R2*."""
+    if not r2star_max > 0:
+        raise ValueError(f"r2star_max must be positive (1/s), got {r2star_max}.")
+    base = np.array([0.0, 15, 30, 50, 75, 100, 140, 200, 280, 400, 550, 750, 1000, 1400])
+    grid = base[base < r2star_max]
+    return np.append(grid, r2star_max).astype(np.float64)
+
+
+def psi_grid(echo_times: Sequence[float], *, step_hz: float | None = None) -> tuple[np.ndarray, float]:
+    """Field values (Hz) of the grid search over one period and the period (Hz).
+
+    Period ``1/min(dTE)``; default step ``min(period / 48, 1 / (6 (t_N - t_1)))`` (the
+    residual's minima are about ``1 / (t_N - t_1)`` wide).
+    """
+    times = np.asarray(echo_times, dtype=float)
+    period = 1.0 / float(np.min(np.diff(times)))
+    span = float(times[-1] - times[0])
+    if step_hz is None:
+        step_hz = min(period / 48.0, 1.0 / (6.0 * span))
+    if not step_hz > 0:
+        raise ValueError(f"psi step must be positive (Hz), got {step_hz}.")
+    count = int(min(max(np.ceil(period / step_hz), 16), 512))
+    return (np.arange(count) * (period / count) - period / 2.0), period
+
+
+def _features(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel real features of the echo products and the signal energy.
+
+    ``s`` (N, E) complex64 -> X (N, E^2) float32: ``|s_m|^2`` (E), then ``Re``/``Im`` of
+    ``conj(s_m) s_n`` for m < n, all divided by ``||s||^2``.
+    """
+    energy = np.einsum("ne,ne->n", s.real, s.real) + np.einsum("ne,ne->n", s.imag, s.imag)
+    scale = np.where(energy > 0, 1.0 / np.maximum(energy, 1e-30), 0.0).astype(np.float32)
+    m_idx, n_idx = np.triu_indices(s.shape[1], k=1)
+    products = np.conj(s[:, m_idx]) * s[:, n_idx]
+    diag = (s.real * s.real + s.imag * s.imag)
+    features = np.concatenate([diag, products.real, products.imag], axis=1)
+    features *= scale[:, None]
+    return features.astype(np.float32, copy=False), energy.astype(np.float32)
+
+
+def _kernel(times: np.ndarray, c: np.ndarray, psis: np.ndarray, r2s: np.ndarray) -> np.ndarray:
+    """K (E^2, R*Q) with ``X @ K = y^H P y / ||s||^2`` for every (R2*, psi) pair."""
+    n_e = times.size
+    m_idx, n_idx = np.triu_indices(n_e, k=1)
+    dt = times[n_idx] - times[m_idx]
+    blocks = []
+    for r2 in r2s:
+        decay = np.exp(-r2 * times)
+        basis = np.stack([decay, c * decay], axis=1)  # (E, 2)
+        projector = basis @ np.linalg.pinv(basis)  # (E, E) Hermitian
+        phasor = np.exp(-1j * _TWO_PI * np.outer(dt, psis))  # (pairs, Q)
+        pair = projector[m_idx, n_idx][:, None] * phasor
+        diag = np.repeat(projector.diagonal().real[:, None], psis.size, axis=1)
+        blocks.append(np.concatenate([diag, 2 * pair.real, -2 * pair.imag], axis=0))
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def grid_residuals(
+    s: np.ndarray,
+    times: np.ndarray,
+    c: np.ndarray,
+    psis: np.ndarray,
+    r2s: np.ndarray,
+    *,
+    chunk: int = 16384,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relative VARPRO residual on the (R2*, psi) grid, minimised over R2*.
+
+    ``s`` (N, E) complex voxels; returns ``cost`` (N, Q) float32 in [0, 1], the R2* index of
+    the minimum (N, Q) int16 and the signal energy (N,).
+    """
+    kernel = _kernel(times, c, psis, r2s)
+    n_q, n_r = psis.size, r2s.size
+    cost = np.empty((s.shape[0], n_q), dtype=np.float32)
+    index = np.empty((s.shape[0], n_q), dtype=np.int16)
+    energy = np.empty(s.shape[0], dtype=np.float32)
+    for start in range(0, s.shape[0], chunk):
+        stop = min(start + chunk, s.shape[0])
+        features, energy[start:stop] = _features(s[start:stop])
+        projected = (features @ kernel).reshape(stop - start, n_r, n_q)
+        best = np.argmax(projected, axis=1)
+        index[start:stop] = best
+        cost[start:stop] = 1.0 - np.take_along_axis(projected, best[:, None, :], axis=1)[:, 0]
+    np.clip(cost, 0.0, 1.0, out=cost)
+    cost[energy <= 0] = 1.0
+    return cost, index, energy
+
+
+def _candidates(
+    cost: np.ndarray, index: np.ndarray, psis: np.ndarray, r2s: np.ndarray, n_candidates: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lowest periodic local minima over psi: (N, K) psi (Hz), residual, R2* (1/s).
+
+    Missing minima have residual ``inf``; the global minimum is always the first candidate.
+    """
+    step = float(psis[1] - psis[0])
+    left = np.roll(cost, 1, axis=1)
+    right = np.roll(cost, -1, axis=1)
+    is_min = (cost <= left) & (cost < right)
+    masked = np.where(is_min, cost, np.inf)
+    k = min(n_candidates, cost.shape[1])
+    order = np.argsort(masked, axis=1)[:, :k]
+    glob = np.argmin(cost, axis=1)
+    order[:, 0] = glob
+    values = np.take_along_axis(masked, order, axis=1)
+    values[:, 0] = cost[np.arange(cost.shape[0]), glob]
+    # drop duplicates of the global minimum in later columns
+    for j in range(1, k):
+        values[:, j] = np.where(order[:, j] == glob, np.inf, values[:, j])
+    c0 = np.take_along_axis(cost, order, axis=1)
+    cl = np.take_along_axis(left, order, axis=1)
+    cr = np.take_along_axis(right, order, axis=1)
+    curvature = cl - 2 * c0 + cr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature > 0, 0.5 * (cl - cr) / curvature, 0.0)
+    offset = np.clip(np.nan_to_num(offset), -0.5, 0.5)
+    refined = np.where(np.isfinite(values), c0 - 0.25 * (cl - cr) * offset, np.inf)
+    psi = psis[order] + offset * step
+    r2 = r2s[np.take_along_axis(index, order, axis=1)]
+    return psi.astype(np.float32), refined.astype(np.float32), r2.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# multi-resolution regularisation
+# ---------------------------------------------------------------------------------------
+
+
+def _wrap_hz(x: np.ndarray, period: float) -> np.ndarray:
+    return x - period * np.round(x / period)
+
+
+def _smooth_psi(psi, weight, mask, period, sigma):
+    """Weighted Gaussian average of the periodic field (phasor average within ``mask``)."""
+    angle = (_TWO_PI / period) * psi
+    w = np.where(mask, weight, 0).astype(np.float32)
+    re = ndimage.gaussian_filter(w * np.cos(angle), sigma, mode="constant", truncate=2.5)
+    im = ndimage.gaussian_filter(w * np.sin(angle), sigma, mode="constant", truncate=2.5)
+    return (np.arctan2(im, re) * (period / _TWO_PI)).astype(np.float32), np.hypot(re, im)
+
+
+def _downsample(values: np.ndarray, mask: np.ndarray, axes: Sequence[bool]):
+    """Sum ``values`` (``mask.shape`` plus trailing axes) over 2-blocks along ``axes``."""
+    data = values
+    m = mask.astype(np.float32)
+    for axis, halve in enumerate(axes):
+        if not halve:
+            continue
+        if data.shape[axis] % 2:
+            pad = [(0, 0)] * data.ndim
+            pad[axis] = (0, 1)
+            data = np.pad(data, pad)
+            m = np.pad(m, pad[:3])
+        shape = list(data.shape)
+        shape[axis : axis + 1] = [shape[axis] // 2, 2]
+        data = data.reshape(shape).sum(axis=axis + 1)
+        mshape = list(m.shape)
+        mshape[axis : axis + 1] = [mshape[axis] // 2, 2]
+        m = m.reshape(mshape).sum(axis=axis + 1)
+    return data, m > 0
+
+
+def _upsample(values: np.ndarray, shape: Sequence[int], axes: Sequence[bool]) -> np.ndarray:
+    out = values
+    for axis, doubled in enumerate(axes):
+        if doubled:
+            out = np.repeat(out, 2, axis=axis)
+    return out[tuple(slice(0, n) for n in shape)]
+
+
+def _confidence(cost: np.ndarray, psis, r2s, n_candidates: int) -> np.ndarray:
+    """Gap between the best and the second-best local minimum of each residual curve."""
+    index0 = np.zeros((1, cost.shape[1]), dtype=np.int16)
+    _, cost_c, _ = _candidates(cost, np.broadcast_to(index0, cost.shape), psis, r2s,
+                               max(n_candidates, 2))
+    second = np.where(np.isfinite(cost_c[:, 1:]), cost_c[:, 1:], 1.0).min(axis=1)
+    return np.clip(second - cost_c[:, 0], 0, None)
+
+
+def _icm(curve, psis, weight_v, mask, period, fat_hz, smoothness, prior, iterations, sigma):
+    """Iterated conditional modes over the full residual curves of one level.
+
+    Every voxel takes the grid field minimising ``curve + smoothness (d / f_fat)^2`` with
+    ``d`` the periodic distance to the weighted neighbourhood average (first: the coarser
+    level's field, or the voxel's own best). Returns the chosen grid index per voxel.
+    """
+    weight = np.zeros(mask.shape, dtype=np.float32)
+    weight[mask] = weight_v
+    if prior is None:
+        choice = np.argmin(curve, axis=1)
+    else:
+        choice = _choose(curve, psis, prior[mask], period, fat_hz, smoothness)
+    field = np.zeros(mask.shape, dtype=np.float32)
+    for _ in range(iterations):
+        field[mask] = psis[choice]
+        smooth, _ = _smooth_psi(field, weight, mask, period, sigma)
+        target = smooth[mask]
+        new_choice = _choose(curve, psis, target, period, fat_hz, smoothness)
+        changed = int(np.count_nonzero(new_choice != choice))
+        choice = new_choice
+        if changed <= 1e-4 * choice.size:
+            break
+    return choice
+
+
+def _choose(curve, psis, target, period, fat_hz, smoothness):
+    distance = _wrap_hz(psis[None, :] - target[:, None], period) * np.float32(1 / abs(fat_hz))
+    total = curve + np.float32(smoothness) * distance * distance
+    return np.argmin(total, axis=1)
+
+
+def regularized_field(
+    signal: np.ndarray,
+    mask: np.ndarray,
+    times: np.ndarray,
+    c: np.ndarray,
+    *,
+    fat_hz: float,
+    psis: np.ndarray,
+    period: float,
+    r2s: np.ndarray,
+    smoothness: float = 0.1,
+    n_candidates: int = 4,
+    max_levels: int = 6,
+    iterations: int = 10,
+    chunk: int = 16384,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Field (Hz, wrapped to one period), grid R2* (1/s) and relative residual per voxel.
+
+    Multi-resolution ICM over the residual curves (see the module docstring). The pyramid
+    sums the absolute residual curves (relative residual x signal energy) of the voxels of
+    2x2x2 blocks, so a block's curve is that of a joint fit with one field; this is
+    insensitive to field variation inside the block (it only broadens the minima). A
+    block's data term sums ``8^l`` voxels and its interfaces ``4^l`` voxel faces, so the
+    smoothness weight halves per level ``l``.
+    """
+    voxels = signal[mask]
+    cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
+    levels = [(mask, None)]
+    curves = [cost]
+    energies = [energy]
+    if max_levels > 1:
+        dense = np.zeros(mask.shape + (psis.size,), dtype=np.float32)
+        dense[mask] = cost * energy[:, None]
+        dense_energy = np.zeros(mask.shape, dtype=np.float32)
+        dense_energy[mask] = energy
+        m = mask
+        while len(levels) < max_levels:
+            axes = [n > 6 for n in m.shape]
+            if not any(axes) or np.count_nonzero(m) < 64:
+                break
+            dense, m_new = _downsample(dense, m, axes)
+            dense_energy, _ = _downsample(dense_energy, m, axes)
+            m = m_new
+            levels.append((m, axes))
+            level_energy = dense_energy[m]
+            curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
+            energies.append(level_energy)
+        del dense, dense_energy
+    prior = None
+    psis32 = psis.astype(np.float32)
+    for level in range(len(levels) - 1, -1, -1):
+        m, axes = levels[level]
+        curve = curves[level]
+        weight = np.sqrt(np.maximum(energies[level], 0)) * (
+            _confidence(curve, psis, r2s, n_candidates) + 0.02)
+        choice = _icm(curve, psis32, weight, m, period, fat_hz, smoothness / 2.0**level,
+                      prior, iterations, 1.0)
+        field = np.zeros(m.shape, dtype=np.float32)
+        field[m] = psis32[choice]
+        if level > 0:
+            # prior of the next finer level: the coarse field, empty blocks filled from the
+            # nearest block with signal, nearest-neighbour upsampled
+            filled = field
+            if (~m).any() and m.any():
+                nearest = ndimage.distance_transform_edt(
+                    ~m, return_distances=False, return_indices=True)
+                filled = field[tuple(nearest)]
+            prior = _upsample(filled, levels[level - 1][0].shape, axes)
+            curves[level] = None
+            LOGGER.debug("waterfat: level %d, %d voxels", level, curve.shape[0])
+    # sub-grid position where the chosen grid point is a local minimum of the residual
+    rows = np.arange(cost.shape[0])
+    n_q = psis.size
+    c0 = cost[rows, choice]
+    cl = cost[rows, (choice - 1) % n_q]
+    cr = cost[rows, (choice + 1) % n_q]
+    curvature = cl - 2 * c0 + cr
+    is_min = (c0 <= cl) & (c0 <= cr) & (curvature > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(is_min, 0.5 * (cl - cr) / np.where(is_min, curvature, 1), 0.0)
+    offset = np.clip(offset, -0.5, 0.5)
+    step = float(psis[1] - psis[0])
+    field = np.zeros(mask.shape, dtype=np.float32)
+    field[mask] = _wrap_hz(psis32[choice] + offset * step, period)
+    r2 = np.zeros(mask.shape, dtype=np.float32)
+    r2[mask] = r2s[index[rows, choice]]
+    res = np.zeros(mask.shape, dtype=np.float32)
+    res[mask] = c0
+    return field, r2, res
+
+
+# ---------------------------------------------------------------------------------------
+# continuous refinement (variable projection)
+# ---------------------------------------------------------------------------------------
+
+
+def _amplitudes(s, a1, a2):
+    """Least-squares amplitudes for the basis (a1, a2) per voxel; returns rho_w, rho_f, det."""
+    h11 = np.einsum("ne,ne->n", a1.conj(), a1).real
+    h22 = np.einsum("ne,ne->n", a2.conj(), a2).real
+    h12 = np.einsum("ne,ne->n", a1.conj(), a2)
+    b1 = np.einsum("ne,ne->n", a1.conj(), s)
+    b2 = np.einsum("ne,ne->n", a2.conj(), s)
+    det = h11 * h22 - (h12 * h12.conj()).real
+    det = np.where(det > 1e-12 * h11 * h22, det, np.inf)
+    rho_w = (h22 * b1 - h12 * b2) / det
+    rho_f = (h11 * b2 - h12.conj() * b1) / det
+    return rho_w, rho_f, (h11, h22, h12, det)
+
+
+def _project_out(v, a1, a2, normal):
+    """``(I - P) v`` for the span of (a1, a2)."""
+    h11, h22, h12, det = normal
+    q1 = np.einsum("ne,ne->n", a1.conj(), v)
+    q2 = np.einsum("ne,ne->n", a2.conj(), v)
+    x1 = (h22 * q1 - h12 * q2) / det
+    x2 = (h11 * q2 - h12.conj() * q1) / det
+    return v - x1[:, None] * a1 - x2[:, None] * a2
+
+
+def _evaluate(s, t, c, psi, r2):
+    decay = np.exp((-r2[:, None] + 1j * _TWO_PI * psi[:, None]) * t[None, :])
+    a1 = decay
+    a2 = decay * c[None, :]
+    rho_w, rho_f, normal = _amplitudes(s, a1, a2)
+    model = rho_w[:, None] * a1 + rho_f[:, None] * a2
+    residual = s - model
+    cost = np.einsum("ne,ne->n", residual.real, residual.real) + np.einsum(
+        "ne,ne->n", residual.imag, residual.imag)
+    return a1, a2, rho_w, rho_f, normal, model, residual, cost
+
+
+def varpro_refine(
+    s: np.ndarray,
+    times: np.ndarray,
+    c: np.ndarray,
+    psi: np.ndarray,
+    r2: np.ndarray,
+    *,
+    max_iter: int = 20,
+    r2star_bounds: tuple[float, float] = (0.0, 2000.0),
+    tol_hz: float = 1e-3,
+) -> tuple[np.ndarray, ...]:
+    """Levenberg-Marquardt refinement of (psi Hz, R2* 1/s) per voxel by variable projection.
+
+    ``s`` (N, E) complex. Returns ``psi, r2, rho_w, rho_f, cost, var_psi_unit, var_r2_unit``
+    with ``cost = ||r||^2`` and ``var_*_unit`` the diagonal of ``[Re(J^H J)]^-1`` (multiply
+    by the per-channel noise variance for the parameter variance).
+    """
+    s = s.astype(np.complex128)
+    t = times.astype(np.float64)
+    c = c.astype(np.complex128)
+    psi = psi.astype(np.float64).copy()
+    r2 = np.clip(r2.astype(np.float64), *r2star_bounds)
+    damping = np.full(psi.shape, 1e-3)
+    active = np.ones(psi.shape, dtype=bool)
+    state = list(_evaluate(s, t, c, psi, r2))
+    cost = state[-1]
+    for iteration in range(max_iter):
+        idx = np.nonzero(active)[0]
+        if idx.size == 0:
+            break
+        a1, a2, rho_w, rho_f, normal, model, residual, _ = _subset(state, idx)
+        j_psi = -_project_out(1j * _TWO_PI * t[None, :] * model, a1, a2, normal)
+        j_r2 = -_project_out(-t[None, :] * model, a1, a2, normal)
+        h11 = np.einsum("ne,ne->n", j_psi.conj(), j_psi).real
+        h22 = np.einsum("ne,ne->n", j_r2.conj(), j_r2).real
+        h12 = np.einsum("ne,ne->n", j_psi.conj(), j_r2).real
+        g1 = -np.einsum("ne,ne->n", j_psi.conj(), residual).real
+        g2 = -np.einsum("ne,ne->n", j_r2.conj(), residual).real
+        lam = damping[idx]
+        d11 = h11 * (1 + lam)
+        d22 = h22 * (1 + lam)
+        det = d11 * d22 - h12 * h12
+        det = np.where(det > 0, det, np.inf)
+        dpsi = (d22 * g1 - h12 * g2) / det
+        dr2 = (d11 * g2 - h12 * g1) / det
+        new_psi = psi[idx] + dpsi
+        new_r2 = np.clip(r2[idx] + dr2, *r2star_bounds)
+        trial = _evaluate(s[idx], t, c, new_psi, new_r2)
+        better = trial[-1] <= cost[idx]
+        accept = idx[better]
+        psi[accept] = new_psi[better]
+        r2[accept] = new_r2[better]
+        damping[accept] = np.maximum(damping[accept] / 3, 1e-7)
+        damping[idx[~better]] *= 4
+        _assign(state, trial, better, accept)
+        cost = state[-1]
+        converged = (np.abs(dpsi) < tol_hz) & better
+        converged |= damping[idx] > 1e6
+        active[idx[converged]] = False
+    # unit-noise covariance of (psi, R2*) at the solution
+    a1, a2, rho_w, rho_f, normal, model, residual, cost = state
+    j_psi = -_project_out(1j * _TWO_PI * t[None, :] * model, a1, a2, normal)
+    j_r2 = -_project_out(-t[None, :] * model, a1, a2, normal)
+    h11 = np.einsum("ne,ne->n", j_psi.conj(), j_psi).real
+    h22 = np.einsum("ne,ne->n", j_r2.conj(), j_r2).real
+    h12 = np.einsum("ne,ne->n", j_psi.conj(), j_r2).real
+    det = h11 * h22 - h12 * h12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var_psi = np.where(det > 0, h22 / det, np.inf)
+        var_r2 = np.where(det > 0, h11 / det, np.inf)
+    return psi, r2, rho_w, rho_f, cost, var_psi, var_r2
+
+
+def _subset(state, idx):
+    a1, a2, rho_w, rho_f, normal, model, residual, cost = state
+    return (a1[idx], a2[idx], rho_w[idx], rho_f[idx], tuple(x[idx] for x in normal),
+            model[idx], residual[idx], cost[idx])
+
+
+def _assign(state, trial, better, accept):
+    """Copy accepted trial entries into ``state`` (a list updated in place)."""
+    for position in (0, 1, 2, 3, 5, 6, 7):
+        state[position][accept] = trial[position][better]
+    for part, values in zip(state[4], trial[4]):
+        part[accept] = values[better]
+
+
+# ---------------------------------------------------------------------------------------
+# swaps
+# ---------------------------------------------------------------------------------------
+
+
+def _polynomial_fit(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.ndarray:
+    """Weighted least-squares fit of a 2nd-order polynomial in x, y, z (mm) to ``values``."""
+    coords = [(np.arange(n) - (n - 1) / 2.0) * float(v) / 100.0
+              for n, v in zip(values.shape, voxel_size)]
+    # fit on every other voxel along each axis (an eighth of the voxels is plenty)
+    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in values.shape)
+    w_sub = weight[sub]
+    inside = w_sub > 0
+    if np.count_nonzero(inside) < 20:
+        return np.zeros(values.shape, dtype=np.float32)
+    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
+    x, y, z = (g[inside] for g in grids)
+    design = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z],
+                      axis=1)
+    sw = np.sqrt(w_sub[inside].astype(np.float64))
+    coef, *_ = np.linalg.lstsq(design * sw[:, None], values[sub][inside] * sw, rcond=None)
+    gx, gy, gz = np.ix_(*coords)
+    full = [1.0, gx, gy, gz, gx * gx, gy * gy, gz * gz, gx * gy, gx * gz, gy * gz]
+    trend = sum(cf * t for cf, t in zip(coef, full))
+    return np.broadcast_to(trend, values.shape).astype(np.float32)
+
+
+def detect_swaps(
+    field_hz: np.ndarray,
+    mask: np.ndarray,
+    *,
+    fat_hz: float,
+    weight: np.ndarray | None = None,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    scale_mm: float = 12.0,
+    suspect_fraction: float = 0.002,
+    swapped_fraction: float = 0.02,
+) -> SwapReport:
+    """Look for water/fat swaps in a field map (Hz) and log a warning when found.
+
+    A swap moves the field by about the main fat frequency ``fat_hz`` (Hz): voxels whose field
+    differs from a robust smooth version of the map (weighted median-like: the weighted
+    Gaussian average of the field after one round of excluding such outliers, ``scale_mm``)
+    by more than ``|fat_hz| / 2`` are counted, and neighbouring pairs with a step of more
+    than ``|fat_hz| / 2``. Verdict ``"swapped"`` above ``swapped_fraction`` of the mask,
+    ``"suspect"`` above ``suspect_fraction`` (of voxels or of pairs), else ``"none"``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    field = np.where(mask, np.asarray(field_hz, dtype=np.float32), 0)
+    limit = 0.5 * abs(float(fat_hz))
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return SwapReport("none", 0.0, 0.0, "empty mask: no swap check")
+    w = np.where(mask, 1.0 if weight is None else np.asarray(weight, np.float32), 0)
+    w = w.astype(np.float32)
+    sigma = [scale_mm / max(float(v), 1e-6) for v in voxel_size]
+    keep = mask.copy()
+    for _ in range(3):
+        # remove a weighted 2nd-order polynomial (shim-like gradients), then smooth locally
+        trend = _polynomial_fit(field, np.where(keep, w, 0), voxel_size)
+        detrended = np.where(mask, field - trend, 0)
+        wk = np.where(keep, w, 0)
+        num = ndimage.gaussian_filter(wk * detrended, sigma, mode="constant", truncate=2.5)
+        den = ndimage.gaussian_filter(wk, sigma, mode="constant", truncate=2.5)
+        smooth = num / np.maximum(den, 1e-12)
+        outlier = mask & (np.abs(detrended - smooth) > limit)
+        keep = mask & ~outlier
+    fraction = float(np.count_nonzero(outlier)) / count
+    jumps = pairs = 0
+    for axis in range(3):
+        if mask.shape[axis] < 2:
+            continue
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[axis], b[axis] = slice(0, -1), slice(1, None)
+        both = mask[tuple(a)] & mask[tuple(b)]
+        step = np.abs(field[tuple(a)] - field[tuple(b)])[both]
+        pairs += step.size
+        jumps += int(np.count_nonzero(step > limit))
+    jump_fraction = jumps / max(pairs, 1)
+    if fraction > swapped_fraction:
+        verdict = "swapped"
+    elif fraction > suspect_fraction or jump_fraction > suspect_fraction:
+        verdict = "suspect"
+    else:
+        verdict = "none"
+    message = (f"water/fat swap check: {verdict} ({100 * fraction:.2f}% of voxels off the "
+               f"smooth field by > {limit:.0f} Hz, {100 * jump_fraction:.2f}% neighbour jumps)")
+    if verdict != "none":
+        LOGGER.warning("%s: inspect the field and PDFF maps; a swap adds about %.0f Hz "
+                       "(%.1f ppm) of spurious field and streaks in chi.", message,
+                       abs(float(fat_hz)), 3.4)
+    else:
+        LOGGER.info(message)
+    return SwapReport(verdict, fraction, float(jump_fraction), message)
+
+
+# ---------------------------------------------------------------------------------------
+# main entry points
+# ---------------------------------------------------------------------------------------
+
+
+def separate(
+    signal: np.ndarray,
+    echo_times: Sequence[float],
+    mask: np.ndarray,
+    *,
+    b0_tesla: float,
+    voxel_size: Sequence[float],
+    fat_model: str | FatModel = "ismrm",
+    water_ppm: float | None = None,
+    phase_sign: int = 1,
+    smoothness: float = 0.1,
+    r2star_max: float = 500.0,
+    psi_step_hz: float | None = None,
+    n_candidates: int = 4,
+    regularization: Literal["multires", "none"] = "multires",
+    unwrap: bool = True,
+    refine: bool = True,
+    max_iter: int = 20,
+    chunk: int = 16384,
+) -> WaterFatResult:
+    """Water-fat separation with field and R2* mapping from multi-echo complex data.
+
+    Parameters
+    ----------
+    signal
+        Complex ``[x, y, z, echo]`` (3-16 echoes; see :func:`as_complex`).
+    echo_times
+        Echo times (s), strictly increasing, uniform or not.
+    mask
+        Voxels to fit (non-finite voxels are dropped).
+    b0_tesla
+        Main field (T); sets the fat frequencies.
+    voxel_size
+        Voxel size (mm), for unwrapping and the swap check.
+    fat_model
+        Built-in name (:data:`FAT_MODELS`: ``ismrm``, ``ren_marrow``, ``scanner7``,
+        ``single``) or a :class:`FatModel` (:func:`fat_model_from_table`).
+    water_ppm
+        Water shift of the scan (ppm; None: the fat table's own reference).
+    phase_sign
+        +1: phase grows as ``+2 pi f t``; -1 (clockwise precession) conjugates the data.
+    smoothness
+        Weight of the field-smoothness term of the regularisation (relative residual per
+        squared main-fat-frequency distance); 0 picks the best minimum per voxel.
+    r2star_max
+        Largest R2* (1/s) of the grid search.
+    psi_step_hz
+        Field grid step (Hz); default see :func:`psi_grid`.
+    n_candidates
+        Local minima kept per voxel.
+    regularization
+        ``"multires"`` (default) or ``"none"`` (best grid minimum per voxel: swaps).
+    unwrap
+        Spatially unwrap the field beyond one period.
+    refine, max_iter
+        Continuous VARPRO refinement and its iteration limit.
+    chunk
+        Voxels per block of the grid search (memory: about ``chunk x 4 x n_psi x n_R2*``
+        bytes).
+    """
+    data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign)
+    sizes = fieldmap._check_voxel_size(voxel_size)
+    model = get_fat_model(fat_model)
+    if smoothness < 0:
+        raise ValueError(f"smoothness must be >= 0, got {smoothness}.")
+    if not 1 <= int(n_candidates) <= 16:
+        raise ValueError(f"n_candidates must be 1-16, got {n_candidates}.")
+    if regularization not in ("multires", "none"):
+        raise ValueError(f"regularization must be 'multires' or 'none', got {regularization!r}.")
+    if int(max_iter) < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}.")
+    c = fat_signal(times, b0_tesla, model, water_ppm=water_ppm)
+    freqs = fat_frequencies_hz(model, b0_tesla, water_ppm=water_ppm)
+    fat_hz = float(freqs[int(np.argmax(model.amplitude))])
+    psis, period = psi_grid(times, step_hz=psi_step_hz)
+    r2s = default_r2star_grid(r2star_max)
+    shape = mask.shape
+    parameters = {
+        "FatModel": model.name, "FatPeaksPpm": list(model.ppm),
+        "FatPeakAmplitudes": [round(a, 6) for a in model.amplitude],
+        "WaterPpm": model.water_ppm if water_ppm is None else float(water_ppm),
+        "PhaseSign": int(phase_sign), "Regularization": regularization,
+        "Smoothness": float(smoothness), "FieldGridStepHz": round(float(psis[1] - psis[0]), 4),
+        "FieldGridPeriodHz": round(period, 4), "R2starGridMax": float(r2star_max),
+        "Unwrapped": bool(unwrap), "Refined": bool(refine),
+    }
+    empty = np.zeros(shape, dtype=np.float32)
+    if not mask.any():
+        raise ValueError("the water-fat mask is empty (or all voxels are non-finite).")
+
+    if regularization == "multires":
+        field, r2_grid, residual = regularized_field(
+            data, mask, times, c, fat_hz=fat_hz, psis=psis, period=period, r2s=r2s,
+            smoothness=smoothness, n_candidates=n_candidates, chunk=chunk)
+    else:
+        voxels = data[mask]
+        cost, index, _ = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
+        best = np.argmin(cost, axis=1)
+        field = empty.copy()
+        field[mask] = psis[best]
+        r2_grid = empty.copy()
+        r2_grid[mask] = r2s[index[np.arange(best.size), best]]
+        residual = empty.copy()
+        residual[mask] = cost[np.arange(best.size), best]
+
+    if unwrap:
+        magnitude = np.sqrt((np.abs(data) ** 2).sum(axis=3)).astype(np.float32)
+        wrapped = (field * np.float32(_TWO_PI / period)).astype(np.float32)
+        unwrapped = unwrap_module.unwrap(wrapped, mask, method="region_growing",
+                                         magnitude=magnitude, voxel_size=sizes)
+        unwrapped = fieldmap._center_components(unwrapped, mask, _TWO_PI)
+        turns = np.round((unwrapped - wrapped) / _TWO_PI)
+        field = np.where(mask, field + turns * np.float32(period), 0).astype(np.float32)
+
+    voxels = data[mask]
+    psi_v = field[mask]
+    r2_v = r2_grid[mask]
+    if refine and max_iter > 0:
+        outputs = [np.empty(psi_v.shape, np.float64) for _ in range(7)]
+        outputs[2] = np.empty(psi_v.shape, np.complex128)
+        outputs[3] = np.empty(psi_v.shape, np.complex128)
+        block = max(chunk * 4, 1)
+        for start in range(0, psi_v.size, block):
+            sl = slice(start, min(start + block, psi_v.size))
+            for out, value in zip(outputs, varpro_refine(
+                    voxels[sl], times, c, psi_v[sl], r2_v[sl], max_iter=max_iter)):
+                out[sl] = value
+        psi_v, r2_v, rho_w, rho_f, cost, var_psi, _ = outputs
+    else:
+        state = _evaluate(voxels.astype(np.complex128), times, c.astype(np.complex128),
+                          psi_v.astype(np.float64), r2_v.astype(np.float64))
+        rho_w, rho_f, cost = state[2], state[3], state[-1]
+        j_psi = -_project_out(1j * _TWO_PI * times[None, :] * state[5], state[0], state[1],
+                              state[4])
+        var_psi = 1.0 / np.maximum(np.einsum("ne,ne->n", j_psi.conj(), j_psi).real, 1e-300)
+
+    field = empty.copy()
+    field[mask] = psi_v
+    r2star = empty.copy()
+    r2star[mask] = r2_v
+    water = np.zeros(shape, dtype=np.complex64)
+    fat = np.zeros(shape, dtype=np.complex64)
+    water[mask] = rho_w
+    fat[mask] = rho_f
+    total = np.abs(water) + np.abs(fat)
+    pdff = np.where(total > 0, 100.0 * np.abs(fat) / np.maximum(total, 1e-30), 0)
+    pdff = pdff.astype(np.float32)
+    energy = (np.abs(voxels) ** 2).sum(axis=1)
+    residual = empty.copy()
+    residual[mask] = np.where(energy > 0, cost / np.maximum(energy, 1e-30), 0)
+
+    # field noise: per-channel noise variance from the residuals (2E real values, 6 real
+    # parameters); three echoes leave no residual degrees of freedom
+    n_echoes = times.size
+    var_map = empty.copy()
+    var_map[mask] = np.where(np.isfinite(var_psi), var_psi, 0)
+    dof = 2 * n_echoes - 6
+    if dof > 0:
+        sigma2 = fieldmap._sigma2_from_residuals(cost.astype(np.float32), dof, mask)
+        noise = np.sqrt(np.maximum(sigma2 * var_map, 0))
+    else:
+        sigma2 = fieldmap._sigma2_from_smoothness(field, var_map, mask, None)
+        noise = np.sqrt(sigma2 * var_map)
+    noise = np.where(mask, noise, 0).astype(np.float32)
+    noise[mask & ~np.isfinite(var_map)] = np.float32(period)
+
+    swaps = detect_swaps(field, mask, fat_hz=fat_hz, weight=np.sqrt(energy_map(data, mask)),
+                         voxel_size=sizes)
+    parameters["SwapCheck"] = swaps.verdict
+    parameters["SwapFraction"] = round(swaps.fraction, 6)
+    return WaterFatResult(
+        field_hz=field, r2star=r2star, water=water, fat=fat, pdff=pdff, noise_hz=noise,
+        residual=residual, swaps=swaps, fat_model=model, echo_times=times,
+        b0_tesla=float(b0_tesla), parameters=parameters,
+    )
+
+
+def energy_map(signal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sum of squared echo magnitudes (float32) inside ``mask``."""
+    energy = (np.abs(signal) ** 2).sum(axis=3).astype(np.float32)
+    return np.where(mask, energy, 0).astype(np.float32)
+
+
+def inphase_echoes(
+    echo_times: Sequence[float],
+    b0_tesla: float,
+    fat_model: str | FatModel = "single",
+    *,
+    water_ppm: float | None = None,
+    tolerance: float = 0.2,
+) -> list[int]:
+    """Indices (0-based) of the echoes where the main fat peak is in phase with water.
+
+    An echo is in phase when ``t f_fat`` is within ``tolerance`` cycles of an integer (a UTE
+    first echo near 0 counts). Raises when none is.
+    """
+    model = get_fat_model(fat_model)
+    freqs = fat_frequencies_hz(model, b0_tesla, water_ppm=water_ppm)
+    main = abs(float(freqs[int(np.argmax(model.amplitude))]))
+    times = np.asarray(echo_times, dtype=float)
+    cycles = times * main
+    off = np.abs(cycles - np.round(cycles))
+    chosen = [int(i) for i in np.nonzero(off <= tolerance)[0]]
+    if not chosen:
+        raise ValueError(
+            f"no echo is in phase with the main fat peak ({main:.0f} Hz at {b0_tesla} T; "
+            f"in-phase times are multiples of {1e3 / main:.2f} ms); choose echoes explicitly.")
+    return chosen
+
+
+def inphase_field(
+    magnitude: np.ndarray,
+    phase: np.ndarray,
+    echo_times: Sequence[float],
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    b0_tesla: float,
+    echoes: Sequence[int] | None = None,
+    fat_model: str | FatModel = "single",
+    water_ppm: float | None = None,
+    phase_sign: int = 1,
+    unwrap_method: str = "region_growing",
+) -> tuple[fieldmap.FieldEstimate, list[int]]:
+    """Seed-000 baseline: single-frequency field fit on a subset of echoes (no fat model).
+
+    ``echoes``: 0-based indices to use (default :func:`inphase_echoes`). Returns the
+    :class:`~qsmprep.recon.fieldmap.FieldEstimate` of the subset (nonlinear complex fit and
+    spatial unwrapping) and the indices used. Biased where fat is present (module docstring);
+    the bias grows with the fat fraction.
+    """
+    magnitude = np.asarray(magnitude)
+    times = np.asarray(echo_times, dtype=float).ravel()
+    if magnitude.ndim != 4 or magnitude.shape[3] != times.size:
+        raise ValueError(f"magnitude must be 4D with {times.size} echoes, got {magnitude.shape}.")
+    if echoes is None:
+        chosen = inphase_echoes(times, b0_tesla, fat_model, water_ppm=water_ppm)
+    else:
+        chosen = sorted({int(e) for e in echoes})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= times.size:
+            raise ValueError(f"echo indices {list(echoes)} out of range 0-{times.size - 1}.")
+    LOGGER.info("inphase field map from echoes %s (TE %s ms)", [e + 1 for e in chosen],
+                [round(1e3 * times[e], 3) for e in chosen])
+    estimate = fieldmap.estimate(
+        magnitude[..., chosen], np.asarray(phase)[..., chosen], times[chosen], mask,
+        voxel_size=voxel_size, method="nlfit", unwrap_method=unwrap_method,
+        phase_sign=phase_sign,
+    )
+    return estimate, chosen
