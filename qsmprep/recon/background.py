@@ -31,6 +31,7 @@ import scipy.ndimage as ndi
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from qsmprep.recon._jit import lazy_kernels
 from qsmprep.recon.dipole import dipole_kernel, kspace_grid, padded_shape
 
 LOGGER = logging.getLogger("qsmprep")
@@ -861,25 +862,9 @@ def _lbv_preconditioner(a: sp.csr_matrix, interior, index, vox) -> spla.LinearOp
 
 
 # ---- LBV: geometric multigrid-preconditioned CG (numba) ----
-_LBV_NB = None
-
-
-def _lbv_kernels():
+@lazy_kernels(fastmath=False)
+def _lbv_kernels(jit):
     """Compile-on-demand 7-point Laplacian kernels; ``None`` when numba is unavailable."""
-    global _LBV_NB
-    if _LBV_NB is not None:
-        return _LBV_NB or None
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - exercised only without numba
-        _LBV_NB = False
-        return None
-
-    def jit(fn):
-        try:
-            return njit(cache=True)(fn)
-        except RuntimeError:  # pragma: no cover - no writable cache location
-            return njit(fn)
 
     @jit
     def apply(x, inside, h2, y):  # pragma: no cover - compiled
@@ -968,8 +953,7 @@ def _lbv_kernels():
         for i in range(pf.size):
             pf[i] = zf[i] + beta * pf[i]
 
-    _LBV_NB = (apply, gauss_seidel, restrict_residual, prolong_add, cg_update, dot, direction)
-    return _LBV_NB
+    return (apply, gauss_seidel, restrict_residual, prolong_add, cg_update, dot, direction)
 
 
 class _LbvMultigrid:

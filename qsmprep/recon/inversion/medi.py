@@ -26,6 +26,7 @@ from typing import Literal, Sequence
 import numpy as np
 import scipy.fft
 
+from qsmprep.recon._jit import lazy_kernels
 from qsmprep.recon.dipole import dipole_kernel
 
 from ._common import _cg, _check, _gradient_symbol, _Grid, data_weights
@@ -49,25 +50,11 @@ DEFAULT_CSF_RATIO = 0.1
 # --------------------------------------------------------------------------------------
 # voxel-wise operators: numba kernels (optional) and numpy fallbacks
 # --------------------------------------------------------------------------------------
-_NB = None
 
 
-def _numba_kernels():
+@lazy_kernels()
+def _numba_kernels(jit):
     """Compile-on-demand kernels; ``None`` when numba is unavailable."""
-    global _NB
-    if _NB is not None:
-        return _NB or None
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - exercised only without numba
-        _NB = False
-        return None
-
-    def jit(fn):
-        try:
-            return njit(fastmath=True, cache=True)(fn)
-        except RuntimeError:  # pragma: no cover - no writable cache location
-            return njit(fastmath=True)(fn)
 
     @jit
     def wlap(x, p, inv_d, out):  # pragma: no cover
@@ -170,8 +157,7 @@ def _numba_kernels():
             acc[n] = a
             x[n] = tau * (x0[n] - step * a) + (1.0 - tau) * (x[n] - step * g)
 
-    _NB = (wlap, diffusivity, huber, nesta_step)
-    return _NB
+    return (wlap, diffusivity, huber, nesta_step)
 
 
 def _fdiff(x, axis, inv_d):

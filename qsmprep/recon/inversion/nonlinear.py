@@ -27,15 +27,8 @@ import scipy.fft
 
 from qsmprep.recon.dipole import GAMMA_BAR_MHZ_PER_T, dipole_kernel
 
-from ._common import _check, _gradient_symbol, _Grid, data_weights, edge_weights
-from .tv import (
-    DEFAULT_TV_LAMBDA,
-    DEFAULT_TV_MU1_FACTOR,
-    _np_divergence,
-    _np_kspace,
-    _np_z1_update,
-)
-from .tv import _numba_kernels as _tv_kernels
+from ._common import _check, _Grid, data_weights
+from .tv import DEFAULT_TV_LAMBDA, _admm_tv, _check_admm
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -154,87 +147,15 @@ def nonlinear_tv(
     """
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
     s = _check_phase_scale(phase_scale)
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
-    mu1 = DEFAULT_TV_MU1_FACTOR * lam if mu1 is None else float(mu1)
-    if not (mu1 > 0 and mu2 > 0):
-        raise ValueError(f"mu1 and mu2 must be > 0, got {mu1}, {mu2}")
-    if int(max_iter) < 1 or not tol >= 0:
-        raise ValueError(f"max_iter must be >= 1 and tol >= 0, got {max_iter}, {tol}")
     if int(newton_steps) < 1:
         raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
-    if backend not in ("auto", "numba", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
-    kernels = None if backend == "numpy" else _tv_kernels()
-    if backend == "numba" and kernels is None:
-        raise ValueError("backend='numba' requested but numba is not installed")
-
-    weight = data_weights(mask, magnitude, noise)
-    grid = _Grid(mask, pad_fraction)
-    shape = grid.shape
-    f = grid.embed(field)
-    w2 = grid.embed(weight)
-    w2 *= w2
-    inside = grid.embed(mask, dtype=bool)
-    thr = np.float32(lam / mu1)
-    thr_map = np.zeros((1, 1, 1), dtype=np.float32)
-    use_map = edge_fraction is not None
-    if use_map:
-        if magnitude is None:
-            raise ValueError("edge_fraction needs a magnitude image")
-        gmap = edge_weights(
-            magnitude, mask, voxel_size=vox, edge_fraction=edge_fraction, edge_weight=edge_weight
-        )
-        thr_map = grid.embed(gmap)
-        thr_map[~inside] = 1.0
-        thr_map *= thr
-
-    d = dipole_kernel(shape, vox, b0)
-    den = np.float32(mu1) * _gradient_symbol(shape, vox) + np.float32(mu2) * d * d
-    with np.errstate(divide="ignore"):
-        inv_den = np.where(den > 0, 1.0 / den, 0).astype(np.float32)
-    del den
-    a1 = (np.float32(mu1) * inv_den).astype(np.float32)
-    a2 = (np.float32(mu2) * d * inv_den).astype(np.float32)
-    del inv_den
-
-    inv_d = np.asarray([1.0 / v for v in vox], dtype=np.float32)
-    s1 = np.zeros((3,) + shape, dtype=np.float32)
-    u = np.zeros((3,) + shape, dtype=np.float32)
-    s2 = np.zeros(shape, dtype=np.float32)
-    w = f.copy()  # z2 - s2, starting from z2 = f
-    v = np.empty(shape, dtype=np.float32)
-    chi_prev = np.zeros(shape, dtype=np.float32)
-    scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
-    z2_step = _NewtonZ2(f, w2, mu2, s, newton_steps)
-    it, change = 0, np.inf
-    for it in range(1, int(max_iter) + 1):
-        if kernels is not None:
-            kernels[1](u, inv_d, v)
-        else:
-            _np_divergence(u, inv_d, v)
-        vk = scipy.fft.rfftn(v)
-        wk = scipy.fft.rfftn(w)
-        if kernels is not None:
-            kernels[3](vk, wk, a1, a2, d)
-        else:
-            _np_kspace(vk, wk, a1, a2, d)
-        chi = scipy.fft.irfftn(vk, s=shape, overwrite_x=True)
-        dchi = scipy.fft.irfftn(wk, s=shape, overwrite_x=True)
-        del vk, wk
-        if kernels is not None:
-            diff2, norm2 = kernels[0](chi, chi_prev, s1, u, thr_map, thr, use_map, inv_d, inside)
-        else:
-            diff2, norm2 = _np_z1_update(
-                chi, chi_prev, s1, u, thr_map if use_map else thr, inv_d, scratch, inside
-            )
-        z2_step(dchi, s2)
-        w = dchi
-        change = float(np.sqrt(diff2 / max(norm2, 1e-30)))
-        if change < tol:
-            break
-    LOGGER.debug("nonlinear TV: %d iterations, relative change %.2e", it, change)
-    return grid.extract(chi_prev, mask)
+    mu1, kernels = _check_admm(lam, mu1, mu2, max_iter, tol, backend)
+    return _admm_tv(
+        field, mask, vox, b0, weight=data_weights(mask, magnitude, noise), magnitude=magnitude,
+        lam=lam, mu1=mu1, mu2=mu2, max_iter=max_iter, tol=tol, edge_fraction=edge_fraction,
+        edge_weight=edge_weight, pad_fraction=pad_fraction, kernels=kernels,
+        z2_step=lambda f, w2: _NewtonZ2(f, w2, mu2, s, newton_steps), label="nonlinear TV",
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage as ndi
 
+from qsmprep.recon._jit import lazy_kernels
 from qsmprep.recon.dipole import dipole_kernel
 
 from ._common import _check, _Grid, data_weights
@@ -77,29 +78,15 @@ def _operator_norm(vox: np.ndarray, n: int = 9) -> float:
 # --------------------------------------------------------------------------------------
 # numba kernels (optional dependency; the numpy fallback gives the same iterates)
 # --------------------------------------------------------------------------------------
-_NB = None
 
 
-def _numba_kernels():
+@lazy_kernels()
+def _numba_kernels(jit):
     """Compile-on-demand fused primal and dual updates; ``None`` without numba.
 
     Single-threaded: threaded (``parallel=True``) kernels took ~4x longer to compile (22 s
     vs 6 s without a writable cache) and were no faster on 2 busy cores.
     """
-    global _NB
-    if _NB is not None:
-        return _NB or None
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - exercised only without numba
-        _NB = False
-        return None
-
-    def jit(fn):
-        try:
-            return njit(fastmath=True, cache=True)(fn)
-        except RuntimeError:  # pragma: no cover - no writable cache location
-            return njit(fastmath=True)(fn)
 
     @jit
     def dual(chib, wb, y, dchib, f, c1, p, q, lvl, sig, a1, a0, ih, rho):  # pragma: no cover
@@ -229,8 +216,7 @@ def _numba_kernels():
                     w[2, i, j, k] = old + rho * (new - old)
         return diff2, norm2
 
-    _NB = (dual, primal)
-    return _NB
+    return (dual, primal)
 
 
 # ---- numpy fallback (same arithmetic, unfused) ----

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import scipy.fft
 
+from qsmprep.recon._jit import lazy_kernels
 from qsmprep.recon.dipole import dipole_kernel
 
 from ._common import _check, _gradient_symbol, _Grid, data_weights, edge_weights
@@ -22,26 +23,14 @@ DEFAULT_TV_LAMBDA = 2e-4
 DEFAULT_TV_MU1_FACTOR = 300.0
 DEFAULT_TV_MU2 = 0.1
 
+#: ``z2_step(dchi, s2)``: updates ``dchi`` to ``z2 - s2`` and ``s2`` in place
+Z2Step = Callable[[np.ndarray, np.ndarray], None]
+
 # --------------------------------------------------------------------------------------
 # ---- numba kernels (optional dependency; a numpy fallback gives the same results) ----
-def _numba_kernels():
+@lazy_kernels()
+def _numba_kernels(jit):
     """Compile-on-demand fused TV-ADMM kernels; ``None`` when numba is unavailable."""
-    global _NB
-    if _NB is not None:
-        return _NB or None
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover - exercised only without numba
-        _NB = False
-        return None
-
-    def jit(fn):
-        # on-disk caching needs a writable __pycache__ or NUMBA_CACHE_DIR; compile without
-        # it (about a second per process) where there is none, e.g. read-only containers
-        try:
-            return njit(fastmath=True, cache=True)(fn)
-        except RuntimeError:  # pragma: no cover - "no locator available"
-            return njit(fastmath=True)(fn)
 
     @jit
     def z1_update(chi, chi_prev, s1, u, thr_map, thr, use_map, inv_d, inside):  # pragma: no cover
@@ -114,11 +103,9 @@ def _numba_kernels():
                     vk[i, j, k] = x
                     wk[i, j, k] = d[i, j, k] * x
 
-    _NB = (z1_update, divergence, z2_update, kspace)
-    return _NB
+    return (z1_update, divergence, z2_update, kspace)
 
 
-_NB = None
 
 
 # ---- numpy fallback ----
@@ -205,20 +192,65 @@ def tv_admm(
     Returns float32 chi (ppm), zero outside ``mask``.
     """
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
+    mu1, kernels = _check_admm(lam, mu1, mu2, max_iter, tol, backend)
+
+    def linear_z2(f: np.ndarray, w2: np.ndarray) -> Z2Step:
+        # z2 = (W^2 f + mu2 (D chi + s2)) / (W^2 + mu2), fused with the dual update
+        c_t = (np.float32(mu2) / (w2 + np.float32(mu2))).astype(np.float32)
+        c_f = (w2 * f / (w2 + np.float32(mu2))).astype(np.float32)
+        update = kernels[2] if kernels is not None else _np_z2_update
+        return lambda dchi, s2: update(dchi, s2, c_f, c_t)
+
+    return _admm_tv(
+        field, mask, vox, b0, weight=data_weights(mask, magnitude, noise), magnitude=magnitude,
+        lam=lam, mu1=mu1, mu2=mu2, max_iter=max_iter, tol=tol, edge_fraction=edge_fraction,
+        edge_weight=edge_weight, pad_fraction=pad_fraction, kernels=kernels,
+        z2_step=linear_z2, label="TV-ADMM",
+    )
+
+
+def _check_admm(lam, mu1, mu2, max_iter, tol, backend) -> tuple[float, tuple | None]:
+    """Validated ``mu1`` (default ``300 lam``) and the numba kernels of the backend."""
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     mu1 = DEFAULT_TV_MU1_FACTOR * lam if mu1 is None else float(mu1)
     if not (mu1 > 0 and mu2 > 0):
         raise ValueError(f"mu1 and mu2 must be > 0, got {mu1}, {mu2}")
-    if max_iter < 1 or not tol >= 0:
+    if int(max_iter) < 1 or not tol >= 0:
         raise ValueError(f"max_iter must be >= 1 and tol >= 0, got {max_iter}, {tol}")
     if backend not in ("auto", "numba", "numpy"):
         raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
     kernels = None if backend == "numpy" else _numba_kernels()
     if backend == "numba" and kernels is None:
         raise ValueError("backend='numba' requested but numba is not installed")
+    return mu1, kernels
 
-    weight = data_weights(mask, magnitude, noise)
+
+def _admm_tv(
+    field: np.ndarray,
+    mask: np.ndarray,
+    vox: np.ndarray,
+    b0: np.ndarray,
+    *,
+    weight: np.ndarray,
+    magnitude: np.ndarray | None,
+    lam: float,
+    mu1: float,
+    mu2: float,
+    max_iter: int,
+    tol: float,
+    edge_fraction: float | None,
+    edge_weight: float,
+    pad_fraction: float,
+    kernels: tuple | None,
+    z2_step: Callable[[np.ndarray, np.ndarray], Z2Step],
+    label: str,
+) -> np.ndarray:
+    """The ADMM iterations shared by the TV inversions (arguments checked by the caller).
+
+    ``z2_step(f, w2)`` (padded field and squared weights) builds the data-term step, the
+    only part in which linear and nonlinear TV differ. Returns float32 chi, zero outside.
+    """
     grid = _Grid(mask, pad_fraction)
     shape = grid.shape
     f = grid.embed(field)
@@ -246,20 +278,19 @@ def tv_admm(
     a1 = (np.float32(mu1) * inv_den).astype(np.float32)  # multiplies F(grad^T (z1 - s1))
     a2 = (np.float32(mu2) * d * inv_den).astype(np.float32)  # multiplies F(z2 - s2)
     del inv_den
-    c_t = (np.float32(mu2) / (w2 + np.float32(mu2))).astype(np.float32)
-    c_f = (w2 * f / (w2 + np.float32(mu2))).astype(np.float32)
+    step = z2_step(f, w2)
     del w2
 
     inv_d = np.asarray([1.0 / v for v in vox], dtype=np.float32)
     s1 = np.zeros((3,) + shape, dtype=np.float32)  # scaled dual of z1 = grad chi
     u = np.zeros((3,) + shape, dtype=np.float32)  # z1 - s1
     s2 = np.zeros(shape, dtype=np.float32)  # scaled dual of z2 = D chi
-    w = f  # z2 - s2, starting from z2 = f
+    w = f.copy()  # z2 - s2, starting from z2 = f
     v = np.empty(shape, dtype=np.float32)
     chi_prev = np.zeros(shape, dtype=np.float32)
     scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
     it, change = 0, np.inf
-    for it in range(1, max_iter + 1):
+    for it in range(1, int(max_iter) + 1):
         if kernels is not None:
             kernels[1](u, inv_d, v)
         else:
@@ -277,17 +308,16 @@ def tv_admm(
             diff2, norm2 = kernels[0](
                 chi, chi_prev, s1, u, thr_map, thr, use_map, inv_d, inside
             )
-            kernels[2](dchi, s2, c_f, c_t)
         else:
             diff2, norm2 = _np_z1_update(
                 chi, chi_prev, s1, u, thr_map if use_map else thr, inv_d, scratch, inside
             )
-            _np_z2_update(dchi, s2, c_f, c_t)
+        step(dchi, s2)
         w = dchi
         change = float(np.sqrt(diff2 / max(norm2, 1e-30)))
         if change < tol:
             break
-    LOGGER.debug("TV-ADMM: %d iterations, relative change %.2e", it, change)
+    LOGGER.debug("%s: %d iterations, relative change %.2e", label, it, change)
     return grid.extract(chi_prev, mask)
 
 
