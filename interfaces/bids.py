@@ -71,10 +71,12 @@ class DerivativesDataSink(SimpleInterface):
                 datatype=inputs.datatype,
             )
             out_file = Path(inputs.base_directory) / relative
-            _atomic_copy(in_file, out_file)
             sidecar = out_file.with_name(out_file.name.split(".")[0] + ".json")
+            # sidecar first, image last: an image under its final name is always complete
+            # and described (a killed run leaves at most a sidecar or a hidden .tmp file)
             atomic_write_text(sidecar, json.dumps({**metadata, **specific}, indent=2,
                                                   sort_keys=True, default=_jsonable))
+            _atomic_copy(in_file, out_file)
             written.append(str(out_file))
         self._results["out_file"] = written
         return runtime
@@ -87,6 +89,8 @@ def _atomic_copy(source: str, destination: Path) -> None:
     os.close(handle)
     try:
         shutil.copyfile(source, tmp)
+        with open(tmp, "rb") as stream:  # on disk before the rename makes it visible
+            os.fsync(stream.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, destination)
     except BaseException:

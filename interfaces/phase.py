@@ -66,15 +66,29 @@ class LoadEchoes(SimpleInterface):
         finite = phase_core.finite_mask(magnitude, *([] if phase is None else [phase]))
         bad = int(finite.size - finite.sum())
         metadata = {"NonFiniteVoxels": bad}
+        sources = list(inputs.real_files or inputs.magnitude_files) + list(
+            inputs.imag_files or inputs.phase_files or [])
         if bad:
-            LOGGER.warning("%d voxels hold NaN/Inf values; they are masked out.", bad)
+            LOGGER.warning("%s: %d voxels hold NaN/Inf values; they are masked out of every "
+                           "map (check the conversion).", _names(sources), bad)
         magnitude = np.where(finite[..., None], np.abs(np.nan_to_num(magnitude)), 0)
+        values = magnitude[finite]
+        if values.size == 0 or float(values.max()) == float(values.min()):
+            level = "no finite voxel" if values.size == 0 else f"every voxel is {values.max():g}"
+            raise InputDataError(
+                f"{_names(list(inputs.real_files or inputs.magnitude_files))}: the magnitude "
+                f"is constant ({level}); a brain mask and R2* need image contrast: check that "
+                "these are the magnitude images of the series and re-export them.")
         if phase is not None:
             if units == "auto":
                 units = phase_core.infer_units(phase[finite])
-                LOGGER.warning("phase 'Units' missing from the sidecar; inferred '%s' from the "
-                               "value range. Add \"Units\" to the phase sidecars.", units)
-            phase = np.where(finite[..., None], phase_core.to_radians(phase, units), 0)
+                LOGGER.warning("%s: phase 'Units' missing from the sidecar; inferred '%s' from "
+                               "the value range. Add \"Units\" to the phase sidecars.",
+                               _names(inputs.phase_files), units)
+            try:
+                phase = np.where(finite[..., None], phase_core.to_radians(phase, units), 0)
+            except ValueError as error:
+                raise InputDataError(f"{_names(inputs.phase_files)}: {error}") from None
             metadata["PhaseUnits"] = units
             self._results["phase"] = save(phase, reference, "phase.nii.gz", cwd=runtime.cwd)
         self._results["magnitude"] = save(magnitude, reference, "magnitude.nii.gz",
@@ -83,6 +97,14 @@ class LoadEchoes(SimpleInterface):
                                             cwd=runtime.cwd, dtype=np.uint8)
         self._results["metadata"] = metadata
         return runtime
+
+
+def _names(files) -> str:
+    """The input files of a message: the first, and how many others."""
+    files = [str(f) for f in files or []]
+    if len(files) <= 1:
+        return files[0] if files else "(no files)"
+    return f"{files[0]} (and {len(files) - 1} more)"
 
 
 def _stack(files, volumes, like=None) -> tuple[np.ndarray, nb.Nifti1Image]:

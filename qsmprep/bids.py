@@ -162,6 +162,12 @@ def _pybids_filters(layout, filters: dict[str, Any], source: str) -> dict[str, A
             )
         if key in ("suffix", "datatype", "extension", "part", "echo"):
             raise BIDSInputError(f"{source}: filtering on '{key}' is not supported.", 64)
+        for item in value if isinstance(value, list) else [value]:
+            if not (item is None or item == "*" or _is_label(item)):
+                raise BIDSInputError(
+                    f"{source}: '{key}' has the value {item!r}; use a BIDS label "
+                    '(letters and digits, e.g. "01"), a list of labels, null (entity absent) '
+                    'or "*" (any value).', 64)
         converted[key] = Query.NONE if value is None else Query.ANY if value == "*" else value
     return converted
 
@@ -203,11 +209,18 @@ def discover(
         key = (bids_file.entities["suffix"], tuple(entities.items()))
         groups.setdefault(key, []).append(bids_file)
     if not groups:
+        if subjects or sessions or filters:
+            raise BIDSInputError(
+                "no multi-echo gradient-echo files (MEGRE, or T2starw/T1w/MP2RAGE with "
+                "part-mag/part-phase) matched the requested participants, sessions and filters "
+                f"in {layout.root}; check the labels and the --bids-filter-file.",
+                18,
+            )
         raise BIDSInputError(
-            "no multi-echo gradient-echo files (MEGRE, or T2starw/T1w/MP2RAGE with part-mag/"
-            "part-phase) matched the requested participants, sessions and filters in "
-            f"{layout.root}.",
-            18,
+            f"{layout.root} holds no gradient-echo QSM input: qsmprep needs "
+            "sub-<label>/[ses-<label>/]anat/*_echo-<n>_part-{mag,phase}_MEGRE.nii[.gz] "
+            "(or T2starw/T1w/MP2RAGE with a part entity).",
+            66,
         )
     acquisitions = []
     for (suffix, entities), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -251,26 +264,47 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
         if te is None:
             problems.append(f"{where}: 'EchoTime' is missing from the sidecar; add it (in s).")
             continue
+        values = te if isinstance(te, list) else [te]
+        if not values or not all(_is_number(v) for v in values):
+            problems.append(f"{where}: 'EchoTime' is {te!r}; it must be a number (s) or, for "
+                            "a 4D file with one echo per volume, a list of numbers.")
+            continue
         if isinstance(te, list):
-            if len(te) < 1:
-                problems.append(f"{where}: 'EchoTime' is an empty list.")
-                continue
             for index, value in enumerate(te):
                 echoes.append(Echo(index + 1, float(value), volume=index, **paths))
         else:
             number = int(label) if label.isdigit() else len(echoes) + 1
             echoes.append(Echo(number, float(te), **paths))
     echoes.sort(key=lambda e: e.echo_time)
+    labelled = [e.number for e in echoes]
     times = [e.echo_time for e in echoes]
+    first = next((f for e in echoes for f in (e.magnitude, e.phase, e.real, e.imag) if f),
+                 members[0].path)
     if any(t > 1.0 for t in times):
         problems.append(
-            f"EchoTime values {times} look like milliseconds; BIDS requires seconds "
-            "(divide by 1000 in the sidecars)."
+            f"{first} (and the other echoes): EchoTime values {times} look like milliseconds; "
+            "BIDS requires seconds: divide them by 1000 in the sidecars."
         )
-    elif any(t <= 0 for t in times):
-        problems.append(f"EchoTime values {times} must be positive (s).")
+    elif any(not t > 0 for t in times):
+        problems.append(f"{first} (and the other echoes): EchoTime values {times} must be "
+                        "positive (s); fix the sidecars.")
     if len(set(times)) != len(times):
-        problems.append(f"duplicate EchoTime values {times}; each echo needs its own time.")
+        duplicated = sorted({t for t in times if times.count(t) > 1})
+        files = [f for e in echoes if e.echo_time in duplicated
+                 for f in (e.magnitude or e.real or e.phase,) if f]
+        problems.append(f"{', '.join(files)}: duplicate EchoTime {duplicated} (s); each echo "
+                        "needs its own echo time: fix the sidecars.")
+    elif labelled != sorted(labelled) and not any(e.volume is not None for e in echoes):
+        LOGGER.warning("%s: in EchoTime order the echo-<index> labels are %s, not increasing; "
+                       "qsmprep orders echoes by EchoTime %s s (check the conversion).",
+                       first, labelled, times)
+    if len(echoes) == 1 and not problems:
+        LOGGER.warning(
+            "%s: a single echo%s; processed as single-echo QSM (field = phase / (2 pi TE), "
+            "which assumes no phase offset at TE = 0). R2*, T2* and S0 need at least 2 echoes "
+            "and are not computed.", first,
+            " although labelled MEGRE (multi-echo); BIDS names single-echo GRE 'T2starw'"
+            if suffix == "MEGRE" else "")
     has_phase = [e.phase is not None or e.imag is not None for e in echoes]
     if any(has_phase) and not all(has_phase):
         problems.append("some echoes have phase and others do not; give every echo both parts.")
@@ -278,16 +312,26 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
         if echo.phase and not echo.magnitude:
             problems.append(f"{echo.phase}: no matching part-mag file for this echo.")
     meta = by_echo[next(iter(by_echo))]["metadata"]
-    phase_meta = next((s["phase_metadata"] for s in by_echo.values() if "phase_metadata" in s), {})
-    units = phase_meta.get("Units")
+    phase_slots = [s for s in by_echo.values() if "phase_metadata" in s]
+    declared = {s["phase"]: s["phase_metadata"].get("Units") for s in phase_slots}
     phase_units = None
-    if units is not None:
-        phase_units = PHASE_UNITS.get(str(units).strip().lower())
-        if phase_units is None:
+    for path, units in declared.items():
+        if units is not None and PHASE_UNITS.get(str(units).strip().lower()) is None:
             problems.append(
-                f"phase 'Units' is {units!r}; qsmprep needs 'rad' or 'arbitrary' "
-                "(rescaled to [-pi, pi]); fix the phase sidecars."
+                f"{path}: phase 'Units' is {units!r}; qsmprep needs 'rad' or 'arbitrary' "
+                "(rescaled to [-pi, pi]): fix the phase sidecars."
             )
+            break
+    else:
+        found = {PHASE_UNITS[str(u).strip().lower()] for u in declared.values() if u is not None}
+        if len(found) > 1 or (found and None in declared.values()):
+            problems.append(
+                f"{', '.join(declared)}: the phase echoes declare different 'Units' "
+                f"({sorted(map(str, declared.values()))}); give every phase sidecar the same "
+                "Units."
+            )
+        elif found:
+            phase_units = found.pop()
     b0, b0_source = _field_strength(meta, b0_override)
     if b0 is None:
         problems.append(
@@ -306,15 +350,30 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
     )
 
 
+def _is_label(value: Any) -> bool:
+    """A BIDS label (alphanumeric text) or a non-negative integer index (e.g. run 1)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, str) and value.isascii() and value.isalnum()
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (JSON ``true``/``false`` are not numbers)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and abs(value) != float("inf"))
+
+
 def _field_strength(metadata: dict[str, Any], override: float | None) -> tuple[float | None, str]:
     """B0 (T): the user's override, else ImagingFrequency/gamma-bar, else the nominal field."""
     if override is not None:
         return float(override), "command line (--b0-tesla)"
     frequency = metadata.get("ImagingFrequency")
-    if isinstance(frequency, (int, float)) and frequency > 0:
+    if _is_number(frequency) and frequency > 0:
         return float(frequency) / GAMMA_BAR_MHZ_PER_T, "ImagingFrequency"
     nominal = metadata.get("MagneticFieldStrength")
-    if isinstance(nominal, (int, float)) and nominal > 0:
+    if _is_number(nominal) and nominal > 0:
         return float(nominal), "MagneticFieldStrength"
     return None, "missing"
 
@@ -389,6 +448,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -443,21 +504,151 @@ def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
     atomic_write_text(ignore_file, "\n".join(lines) + "\n")
 
 
-def image_shape(acquisition: Acquisition) -> tuple[int, ...]:
-    """Shape of the acquisition's first image (header only); errors name the file."""
-    import nibabel as nb
+#: Plausible voxel sizes (mm): microscopy-grade ex vivo QSM to very coarse clinical slabs.
+VOXEL_SIZE_RANGE_MM = (0.01, 20.0)
 
-    path = acquisition.source_files[0]
+
+def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
+    """Header-level checks of every image of ``acquisition`` (no voxel data are read).
+
+    Problems are appended to ``acquisition.problems``, each naming the file, the problem and
+    the fix: unreadable or non-NIfTI files, truncated data (file size, gzip trailer), not 3D
+    (a single slice, 5D), 4D files without one ``EchoTime`` per volume, implausible voxel
+    sizes or a singular affine, and echoes/parts on different voxel grids. Returns the shape
+    of the first image, or None when a problem was found.
+    """
+    import nibabel as nb
+    import numpy as np
+
+    volumes = {}
+    for echo in acquisition.echoes:
+        for path in (echo.magnitude, echo.phase, echo.real, echo.imag):
+            if path:
+                volumes.setdefault(path, []).append(echo.volume)
+    before = len(acquisition.problems)
+    reference = None
+    for path, indices in volumes.items():
+        try:
+            image = nb.load(path)
+            shape = tuple(int(n) for n in image.shape)
+            affine = np.asarray(image.affine, dtype=float)
+        except Exception as error:  # nibabel raises several types for bad files
+            acquisition.problems.append(
+                f"{path}: cannot be read as NIfTI ({error}); the file is corrupt or not a "
+                "NIfTI image: re-export it from DICOM (e.g. dcm2niix).")
+            continue
+        problem = _shape_problem(shape, indices) or _geometry_problem(affine)
+        if problem is None:
+            problem = _truncation_problem(path, image)
+        if problem is not None:
+            acquisition.problems.append(f"{path}: {problem}")
+            continue
+        if reference is None:
+            reference = (path, shape, affine)
+            continue
+        ref_path, ref_shape, ref_affine = reference
+        if shape[:3] != ref_shape[:3]:
+            acquisition.problems.append(
+                f"{path}: voxel grid {shape[:3]} differs from {ref_shape[:3]} of {ref_path}; "
+                "all echoes and parts of an acquisition must share one grid: re-export them "
+                "from the same series.")
+        elif not np.allclose(affine, ref_affine, atol=1e-3, rtol=1e-4):
+            shift = float(np.abs(affine[:3] - ref_affine[:3]).max())
+            acquisition.problems.append(
+                f"{path}: affine (voxel-to-scanner matrix) differs from that of {ref_path} "
+                f"(by up to {shift:.3g}); all echoes and parts of an acquisition must share "
+                "one grid: re-export them from the same series.")
+    if len(acquisition.problems) > before or reference is None:
+        return None
+    return reference[1]
+
+
+def _shape_problem(shape: tuple[int, ...], volumes: list[int | None]) -> str | None:
+    """Dimensionality problems of an image holding the given echo volumes (None: 3D)."""
+    spatial = shape[:3]
+    extra = shape[3:]
+    while extra and extra[-1] == 1:
+        extra = extra[:-1]
+    if len(shape) < 3 or min(spatial) < 2:
+        return (f"shape {shape} is not a 3D volume (a single slice or a 2D image); QSM needs "
+                "3D data with at least 2 voxels along every axis: convert the whole series.")
+    if len(extra) > 1:
+        return (f"{len(shape)}D image (shape {shape}); qsmprep reads 3D images, or 4D images "
+                "with one echo per volume: split the extra dimensions into separate files.")
+    listed = [v for v in volumes if v is not None]
+    if extra and not listed:
+        return (f"4D image with {extra[0]} volumes but its sidecar gives a single EchoTime; "
+                "give one EchoTime per volume (a list, in s) or split the echoes into "
+                "echo-<index> files.")
+    if listed and (not extra or max(listed) >= extra[0]):
+        count = extra[0] if extra else 1
+        return (f"its sidecar lists {max(listed) + 1} EchoTime values but the image has "
+                f"{count} volume(s) (shape {shape}); make the EchoTime list match the volumes.")
+    return None
+
+
+def _geometry_problem(affine) -> str | None:
+    """Implausible voxel sizes or a singular/non-finite affine."""
+    import numpy as np
+
+    low, high = VOXEL_SIZE_RANGE_MM
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        return ("the affine (sform/qform) is singular or not finite; fix the NIfTI header "
+                "(re-export the series, e.g. with dcm2niix).")
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if sizes.min() < low or sizes.max() > high:
+        text = ", ".join(f"{v:.4g}" for v in sizes)
+        return (f"voxel size ({text}) mm is implausible (expected {low}-{high} mm); the NIfTI "
+                "header (pixdim/sform) is wrong: fix the conversion or the header units.")
+    return None
+
+
+def _truncation_problem(path: str, image) -> str | None:
+    """Data shorter than the header promises (uncompressed size or gzip trailer)."""
+    import zlib
+
+    import numpy as np
+
+    header = image.header
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)  # where the voxel data start
+    expected = offset + int(np.prod(image.shape)) * header.get_data_dtype().itemsize
+    fix = "the file is truncated or corrupt: copy or convert it again."
+    size = os.path.getsize(path)
+    if not str(path).endswith(".gz"):
+        if size < expected:
+            return f"{size} bytes but the header needs {expected}; {fix}"
+        return None
+    with open(path, "rb") as stream:
+        stream.seek(max(size - 4, 0))
+        trailer = int.from_bytes(stream.read(4), "little")
+    if trailer == expected % 2**32:
+        return None
+    # multi-member gzip or trailing bytes: decompress to be sure (rare)
+    total, decompressor = 0, zlib.decompressobj(wbits=31)
     try:
-        shape = nb.load(path).shape
-    except Exception as error:  # nibabel raises several types for bad files
-        raise BIDSInputError(f"{path}: cannot be read as NIfTI ({error}); re-export it from "
-                             "DICOM (e.g. dcm2niix).", 66) from error
-    if len(shape) < 3 or min(shape[:3]) < 2:
-        raise BIDSInputError(f"{path}: shape {shape} is not a 3D volume; QSM needs 3D data.", 66)
-    if len(shape) > 4:
-        raise BIDSInputError(f"{path}: {len(shape)}D image; expected 3D (or 4D with echoes).", 66)
-    return tuple(int(n) for n in shape)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                while chunk:
+                    total += len(decompressor.decompress(chunk))
+                    if not decompressor.eof:
+                        break
+                    chunk = decompressor.unused_data
+                    if chunk[:2] != b"\x1f\x8b":
+                        break
+                    decompressor = zlib.decompressobj(wbits=31)
+    except zlib.error as error:
+        return f"gzip data cannot be decompressed ({error}); {fix}"
+    if total < expected:
+        return f"{total} bytes after decompression but the header needs {expected}; {fix}"
+    return None
+
+
+def image_shape(acquisition: Acquisition) -> tuple[int, ...]:
+    """Shape of the acquisition's first image after :func:`check_images`; errors name files."""
+    shape = check_images(acquisition)
+    if shape is None:
+        raise BIDSInputError("\n".join(acquisition.problems), 66)
+    return shape
 
 
 def find_masks(

@@ -90,8 +90,10 @@ def init_single_acquisition_wf(
         options=config.workflow,
     )
     swi_fields = {"swi", "minip", "chi_mip", "swi_metadata"}
+    r2star_fields = {"r2star", "t2star", "s0", "r2star_metadata"}
     fields = [f for f in OUTPUT_FIELDS if (acquisition.has_phase or f in _MAG_ONLY)
-              and (config.workflow.swi or f not in swi_fields)]
+              and (config.workflow.swi or f not in swi_fields)
+              and (len(echoes) >= 2 or f not in r2star_fields)]
     workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     return workflow
 

@@ -43,21 +43,22 @@ def init_ds_qsm_wf(
         return node
 
     ds_mask = sink("ds_mask", "mask", ["mask_metadata"], desc="brain")
-    ds_r2star = sink("ds_r2star", "R2starmap", ["r2star_metadata"], metadata={
-        "Units": "1/s", "SkullStripped": True,
-        "Description": "Transverse relaxation rate R2* from the multi-echo magnitude.",
-        **acquisition})
-    ds_t2star = sink("ds_t2star", "T2starmap", ["r2star_metadata"], metadata={
-        "Units": "s", "SkullStripped": True, "Description": "T2* = 1/R2*.", **acquisition})
-    ds_s0 = sink("ds_s0", "S0map", ["r2star_metadata"], metadata={
-        "Units": "arbitrary", "SkullStripped": True,
-        "Description": "Magnitude extrapolated to TE = 0 by the R2* fit.", **acquisition})
-    workflow.connect([
-        (inputnode, ds_mask, [("mask", "in_file")]),
-        (inputnode, ds_r2star, [("r2star", "in_file")]),
-        (inputnode, ds_t2star, [("t2star", "in_file")]),
-        (inputnode, ds_s0, [("s0", "in_file")]),
-    ])
+    workflow.connect(inputnode, "mask", ds_mask, "in_file")
+    if len(echo_times) >= 2:  # a single echo has no R2* fit
+        ds_r2star = sink("ds_r2star", "R2starmap", ["r2star_metadata"], metadata={
+            "Units": "1/s", "SkullStripped": True,
+            "Description": "Transverse relaxation rate R2* from the multi-echo magnitude.",
+            **acquisition})
+        ds_t2star = sink("ds_t2star", "T2starmap", ["r2star_metadata"], metadata={
+            "Units": "s", "SkullStripped": True, "Description": "T2* = 1/R2*.", **acquisition})
+        ds_s0 = sink("ds_s0", "S0map", ["r2star_metadata"], metadata={
+            "Units": "arbitrary", "SkullStripped": True,
+            "Description": "Magnitude extrapolated to TE = 0 by the R2* fit.", **acquisition})
+        workflow.connect([
+            (inputnode, ds_r2star, [("r2star", "in_file")]),
+            (inputnode, ds_t2star, [("t2star", "in_file")]),
+            (inputnode, ds_s0, [("s0", "in_file")]),
+        ])
     if not has_phase:
         return workflow
 

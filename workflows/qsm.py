@@ -59,7 +59,14 @@ def init_qsm_wf(
                   num_threads=omp_nthreads),
         name="fit_r2star", n_procs=omp_nthreads, mem_gb=mem_gb,
     )
-    workflow.connect([
+    if len(echo_times) < 2:  # single echo: no R2* fit (QSM from phase / TE only)
+        r2star = None
+    workflow.connect([*([] if r2star is None else [
+        (load, r2star, [("magnitude", "magnitude")]),
+        (mask, r2star, [("mask", "mask")]),
+        (r2star, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
+                              ("metadata", "r2star_metadata")]),
+    ]),
         (inputnode, load, [("magnitude_files", "magnitude_files"),
                            ("phase_files", "phase_files"),
                            ("real_files", "real_files"),
@@ -67,12 +74,8 @@ def init_qsm_wf(
                            ("volumes", "volumes")]),
         (inputnode, mask, [("provided_mask", "provided_mask")]),
         (load, mask, [("magnitude", "magnitude"), ("finite_mask", "finite_mask")]),
-        (load, r2star, [("magnitude", "magnitude")]),
-        (mask, r2star, [("mask", "mask")]),
         (load, outputnode, [("magnitude", "magnitude"), ("metadata", "load_metadata")]),
         (mask, outputnode, [("mask", "mask"), ("metadata", "mask_metadata")]),
-        (r2star, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
-                              ("metadata", "r2star_metadata")]),
     ])
     if not has_phase:
         return workflow
@@ -109,7 +112,7 @@ def init_qsm_wf(
         (field, invert, [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]),
         (invert, reference, [("chi", "chi")]),
         (bfr, reference, [("mask", "mask")]),
-        (r2star, reference, [("r2star", "r2star")]),
+        *([] if r2star is None else [(r2star, reference, [("r2star", "r2star")])]),
         (inputnode, reference, [("reference_mask", "roi")]),
         (field, outputnode, [("field_hz", "field_hz"), ("magnitude", "field_magnitude"),
                              ("unwrapped_phase", "unwrapped_phase"),

@@ -347,6 +347,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     except ConfigError as error:
         parser.error(str(error))
     execution = config.execution
+    for key in ("participant_label", "session_label"):  # also when read from --config-file
+        try:
+            setattr(execution, key, [_label(str(v)) for v in getattr(execution, key)])
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"{key}: {error}")
     execution.bids_dir = namespace.bids_dir
     execution.output_dir = namespace.output_dir
     execution.analysis_level = namespace.analysis_level

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,33 +139,39 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
         validate_input(execution.bids_dir)
     database_dir = execution.bids_database_dir
     reuse = database_dir is not None and Path(database_dir, "layout_index.sqlite").exists()
-    layout = bids.load_layout(execution.bids_dir,
-                              database_dir=database_dir or execution.work_dir / "bids_db",
-                              reset=not reuse)
+    # without --bids-database-dir the index stays in memory: concurrent array tasks that
+    # share a work dir must not reset one another's SQLite file
+    layout = bids.load_layout(execution.bids_dir, database_dir=database_dir, reset=not reuse)
     available = set(layout.get_subjects())
     missing = sorted(set(execution.participant_label) - available)
     if missing:
         raise RunError(f"participant(s) {', '.join('sub-' + m for m in missing)} not found in "
                        f"{execution.bids_dir}; available: "
                        f"{', '.join(sorted('sub-' + s for s in available)) or 'none'}.", 64)
-    filters = bids.read_filters(execution.bids_filter_file) if execution.bids_filter_file else {}
     try:
+        filter_file = execution.bids_filter_file
+        filters = bids.read_filters(filter_file) if filter_file else {}
         acquisitions = bids.discover(
             layout,
             participant_label=execution.participant_label,
             session_label=execution.session_label,
             filters=filters,
             b0_tesla=config.workflow.b0_tesla,
+            filter_source=f"BIDS filter file {filter_file}" if filter_file else "filters",
         )
     except bids.BIDSInputError as error:
         raise RunError(str(error), error.exit_code) from None
     runnable, failed = [], 0
     shapes: dict[str, tuple[int, ...]] = {}
     for acquisition in acquisitions:
-        try:
-            shapes[acquisition.name] = bids.image_shape(acquisition)
-        except bids.BIDSInputError as error:
-            acquisition.problems.append(str(error))
+        if len(acquisition.echoes) == 1 and config.workflow.reference == "csf":
+            acquisition.problems.append(
+                f"{acquisition.source_files[0]}: --reference csf finds CSF by R2*, which needs "
+                "at least 2 echoes; use --reference mean for this single-echo acquisition.")
+        if not acquisition.problems:
+            shape = bids.check_images(acquisition)  # headers only: fast, names every file
+            if shape is not None:
+                shapes[acquisition.name] = shape
         if acquisition.problems:
             failed += 1
             LOGGER.error("cannot process %s:\n  - %s", acquisition.name,
@@ -187,7 +194,8 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     output_dir = execution.output_dir
     bids.write_dataset_files(output_dir, execution.bids_dir)
-    bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml", config.to_toml())
+    bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml",
+                           _provenance_header(run_id) + config.to_toml())
     try:
         from qsmprep.workflows.base import init_qsmprep_wf
 
@@ -204,16 +212,57 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
             LOGGER.warning("could not write the workflow graph: %s", error)
     LOGGER.info("processing %d acquisition(s) with %s (%s)", len(runnable), plugin, plugin_args)
     start = time.monotonic()
+    started = time.time()
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as error:  # nipype raises after running every node it could
+        crash_dir = output_dir / "logs" / "crash"
+        for node, message in _crash_summary(crash_dir, started):
+            LOGGER.error("%s failed: %s", node, message)
         LOGGER.error("some steps failed (%s); crash files are in %s. Outputs of the other "
-                     "acquisitions were written.", error, output_dir / "logs" / "crash")
+                     "acquisitions were written.", error, crash_dir)
         return 1
     LOGGER.info("finished in %.1f s; outputs in %s", time.monotonic() - start, output_dir)
     if execution.clean_workdir and not failed:
         shutil.rmtree(execution.work_dir, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _provenance_header(run_id: str) -> str:
+    """TOML comments: run id, command line and the versions that produced the outputs."""
+    from importlib import metadata
+    import platform
+
+    versions = [f"qsmprep {__version__}", f"python {platform.python_version()}"]
+    for package in ("numpy", "scipy", "nibabel", "nipype", "pybids", "numba", "scikit-image"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    command = " ".join(sys.argv) if sys.argv and sys.argv[0] else "qsmprep"
+    return (f"# qsmprep run {run_id}; reproduce with: qsmprep <bids_dir> <output_dir> "
+            f"participant --config-file <this file>\n# command: {command}\n"
+            f"# versions: {', '.join(versions)}\n\n")
+
+
+def _crash_summary(crash_dir: Path, since: float) -> list[tuple[str, str]]:
+    """(node, last error line) of the crash files written since ``since`` (epoch s)."""
+    summary = []
+    for path in sorted(crash_dir.glob("crash-*.txt")):
+        try:
+            if path.stat().st_mtime < since - 1:
+                continue
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        node = next((line.split(":", 1)[1].strip() for line in lines
+                     if line.startswith("Node:")), path.name)
+        errors = [line.strip() for line in lines
+                  if re.match(r"\s*[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)]
+        message = errors[-1] if errors else "see " + str(path)
+        message = re.sub(r"^[\w.]*\.(?=\w+:)", "", message)  # module path of the class
+        summary.append((node, message))
+    return summary
 
 
 def _configure_nipype(config: Config, crash_dir: Path, run_id: str) -> None:
