@@ -47,9 +47,7 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +62,9 @@ from qsmprep.recon import mask as mask_core
 from qsmprep.recon.dipole import forward_field, hz_to_ppm, padded_shape
 from qsmprep.simulate.rc2 import rc2_phantom
 from qsmprep.simulate.signal import GreSimulation, multi_echo_gre
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers below
+from _measure import Step, _release_freed_memory, load_average, measure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "rc2_head_phantom"
@@ -85,76 +86,6 @@ LOGGER = logging.getLogger("qsmprep.benchmark")
 # --------------------------------------------------------------------------------------
 # measurement helpers
 # --------------------------------------------------------------------------------------
-def _release_freed_memory() -> None:
-    """Make glibc return every large (>= 128 kB) block to the OS when it is freed, so that
-    the resident set follows live memory and a step's RSS increase is its peak footprint
-    (by default glibc's adaptive mmap threshold keeps freed arrays for reuse)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        LOGGER.warning("mallopt unavailable: memory deltas may read low")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRss:
-    """Largest resident-set increase during a ``with`` block (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.delta_mb = (self.peak - self.start) / 2**20
-
-
-@dataclasses.dataclass
-class Step:
-    """One timed call: its result (or error), wall time (s) and peak RSS increase (MB)."""
-
-    value: Any = None
-    seconds: float = math.nan
-    mem_mb: float = math.nan
-    error: str | None = None
-
-
-def measure(fn: Callable[[], Any]) -> Step:
-    """Run ``fn`` once; failures are recorded, not raised."""
-    try:
-        with _PeakRss() as rss:
-            start = time.perf_counter()
-            value = fn()
-            seconds = time.perf_counter() - start
-        return Step(value, seconds, rss.delta_mb)
-    except Exception as error:  # noqa: BLE001 - a failing method must not stop the run
-        LOGGER.warning("step failed: %s", traceback.format_exc(limit=3))
-        return Step(error=f"{type(error).__name__}: {error}"[:160])
-
-
-def load_average() -> str:
-    try:
-        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 # --------------------------------------------------------------------------------------
 # phantom, simulation, truth
 # --------------------------------------------------------------------------------------
@@ -958,11 +889,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("qsmprep").setLevel(logging.WARNING)
     LOGGER.setLevel(logging.INFO)
 
-    voxel = args.voxel or (1.5 if args.quick else 1.0)
-    b0s = args.b0 or ([3.0] if args.quick else [3.0, 7.0])
-    snrs = args.snr or ([100.0] if args.quick else [100.0, 40.0])
-    args.b0_list, args.snr_list = b0s, snrs
-    scipy.fft.set_workers(args.threads)
+    args.voxel = args.voxel or (1.5 if args.quick else 1.0)
+    args.b0_list = args.b0 or ([3.0] if args.quick else [3.0, 7.0])
+    args.snr_list = args.snr or ([100.0] if args.quick else [100.0, 40.0])
+    with scipy.fft.set_workers(args.threads):  # FFT workers for every step
+        run_benchmark(args)
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    """Every scenario of ``args`` (parsed by ``main``), written to RESULTS.md."""
+    voxel, b0s, snrs = args.voxel, args.b0_list, args.snr_list
     try:
         import numba
 
