@@ -21,6 +21,8 @@ class _InvertDipoleInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="mask of the local field")
     magnitude = File(exists=True, desc="magnitude (3D or 4D) for edge/data weights")
     noise_hz = File(exists=True, desc="field noise (Hz) for the data weight")
+    edge_image = File(exists=True, desc="image whose gradient gives the edge mask (methods "
+                      "with an edge_image parameter, e.g. the opposed-phase |W - F|)")
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
     echo_times = traits.List(traits.Float, desc="echo times (s): phase scale of nonlinear terms")
     method = traits.Str("tv", usedefault=True, desc="inversion method (inversion.METHODS)")
@@ -59,6 +61,8 @@ class InvertDipole(SimpleInterface):
             magnitude, _ = load(self.inputs.magnitude)
             if magnitude.ndim == 4:
                 magnitude = magnitude[..., 0]
+        if self.inputs.edge_image and "edge_image" in accepted:
+            params["edge_image"], _ = load(self.inputs.edge_image)
         b0 = self.inputs.b0_tesla
         if self.inputs.noise_hz:
             noise_hz, _ = load(self.inputs.noise_hz)
@@ -84,7 +88,9 @@ class InvertDipole(SimpleInterface):
             **selection,
             "DipoleInversion": method,
             "DipoleInversionReference": reference(method),
-            "DipoleInversionParameters": inversion.effective_parameters(method, **params),
+            "DipoleInversionParameters": inversion.effective_parameters(
+                method, **{k: v for k, v in params.items() if k != "edge_image"}),
+            **({"EdgeImage": "opposed-phase | |W| - |F| |"} if "edge_image" in params else {}),
             "MagneticFieldStrength": b0,
             **geometry_metadata(image),
         }

@@ -16,6 +16,8 @@ class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     provided_mask = File(exists=True, desc="user mask on the same grid (used instead)")
     threshold = traits.Float(desc="magnitude threshold as a fraction of the robust maximum")
     erode_mm = traits.Float(0.0, usedefault=True, desc="extra erosion of the mask (mm)")
+    mask_type = traits.Enum("brain", "body", usedefault=True,
+                            desc="brain extraction, or a body/limb signal mask (several parts)")
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
@@ -41,10 +43,17 @@ class BrainMask(SimpleInterface):
                         "Description": "Provided mask."}
         else:
             threshold = self.inputs.threshold if self.inputs.threshold else None
-            mask = mask_core.brain_mask(magnitude, voxel_size=voxel_size, threshold=threshold)
-            metadata = {"Type": "Brain",
-                        "Description": "Magnitude-based brain mask: robust threshold of the "
-                        "echo-combined magnitude and morphological cleaning."}
+            if self.inputs.mask_type == "body":
+                mask = mask_core.body_mask(magnitude, voxel_size=voxel_size, threshold=threshold)
+                metadata = {"Type": "ROI",
+                            "Description": "Magnitude-based body mask: robust threshold of the "
+                            "echo-combined magnitude, small parts removed, holes filled."}
+            else:
+                mask = mask_core.brain_mask(magnitude, voxel_size=voxel_size,
+                                            threshold=threshold)
+                metadata = {"Type": "Brain",
+                            "Description": "Magnitude-based brain mask: robust threshold of "
+                            "the echo-combined magnitude and morphological cleaning."}
         if self.inputs.finite_mask:
             mask &= load_mask(self.inputs.finite_mask)
         if self.inputs.erode_mm > 0:

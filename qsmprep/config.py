@@ -16,7 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-FieldmapMethod = Literal["nlfit", "linear"]
+FieldmapMethod = Literal["nlfit", "linear", "waterfat", "inphase"]
+MaskType = Literal["brain", "body"]
 UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
 BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp"]
 InversionMethod = Literal[
@@ -73,6 +74,12 @@ class WorkflowConfig:
     mask_threshold: float | None = None
     mask_erode_mm: float = 0.0
     fieldmap_method: FieldmapMethod = "nlfit"
+    mask_type: MaskType = "brain"
+    fat_model: str = "ren_marrow"  # waterfat/inphase: built-in name, or a (ppm, amplitude) table
+    water_ppm: float | None = None  # water shift of the scan (ppm); None: the fat table's own
+    inphase_echoes: str = ""  # inphase: 1-based echo numbers "2,3,4"; empty: automatic
+    waterfat_smoothness: float = 0.1
+    study_weights: bool = False  # l2medi/tvmedi: MIP data weight, |W - F| edge image
     unwrap_method: UnwrapMethod = "region_growing"
     bfr_method: BackgroundMethod = "ismv"
     bfr_erode_mm: float = 3.0

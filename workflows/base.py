@@ -10,7 +10,7 @@ from qsmprep.bids import Acquisition
 from qsmprep.config import Config
 
 from .outputs import init_ds_qsm_wf
-from .qsm import OUTPUT_FIELDS, init_qsm_wf
+from .qsm import OUTPUT_FIELDS, WATERFAT_FIELDS, init_qsm_wf
 
 #: Bytes per voxel and echo held at once by the heaviest step (complex fits, padded FFTs).
 BYTES_PER_VOXEL_ECHO = 48
@@ -93,7 +93,8 @@ def init_single_acquisition_wf(
     r2star_fields = {"r2star", "t2star", "s0", "r2star_metadata"}
     fields = [f for f in OUTPUT_FIELDS if (acquisition.has_phase or f in _MAG_ONLY)
               and (config.workflow.swi or f not in swi_fields)
-              and (len(echoes) >= 2 or f not in r2star_fields)]
+              and (len(echoes) >= 2 or f not in r2star_fields)
+              and (config.workflow.fieldmap_method == "waterfat" or f not in WATERFAT_FIELDS)]
     workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     return workflow
 

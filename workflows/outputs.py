@@ -42,7 +42,7 @@ def init_ds_qsm_wf(
         workflow.connect(merge, "out", node, "extra_metadata")
         return node
 
-    ds_mask = sink("ds_mask", "mask", ["mask_metadata"], desc="brain")
+    ds_mask = sink("ds_mask", "mask", ["mask_metadata"], desc=options.mask_type)
     workflow.connect(inputnode, "mask", ds_mask, "in_file")
     if len(echo_times) >= 2:  # a single echo has no R2* fit
         ds_r2star = sink("ds_r2star", "R2starmap", ["r2star_metadata"], metadata={
@@ -85,7 +85,8 @@ def init_ds_qsm_wf(
                               "Description": "Local (tissue) field after background field "
                               "removal."})
     ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
-                       metadata={"Type": "Brain", "Description": "Mask on which the local "
+                       metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
+                                 "Description": "Mask on which the local "
                                  "field and susceptibility are valid (eroded by background "
                                  "field removal)."})
     ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
@@ -94,6 +95,22 @@ def init_ds_qsm_wf(
                             "Description": "Magnetic susceptibility (ppm).",
                             "EstimationAlgorithm": " -> ".join(steps),
                             "EstimationReference": " ".join(reference(s) for s in steps)})
+    if options.fieldmap_method == "waterfat":
+        water_fat = {"SkullStripped": True, "Units": "arbitrary", **acquisition}
+        ds_water = sink("ds_water", "M0map", ["field_metadata"], desc="water", metadata={
+            **water_fat, "Description": "Water signal amplitude |W| at TE = 0 from the "
+            "water-fat separation."})
+        ds_fat = sink("ds_fat", "M0map", ["field_metadata"], desc="fat", metadata={
+            **water_fat, "Description": "Fat signal amplitude |F| at TE = 0 (all fat peaks) "
+            "from the water-fat separation."})
+        ds_pdff = sink("ds_pdff", "PDFFmap", ["field_metadata"], metadata={
+            **water_fat, "Units": "percent", "Description": "Proton-density fat fraction "
+            "100 |F| / (|W| + |F|) from the water-fat separation."})
+        workflow.connect([
+            (inputnode, ds_water, [("water", "in_file")]),
+            (inputnode, ds_fat, [("fat", "in_file")]),
+            (inputnode, ds_pdff, [("pdff", "in_file")]),
+        ])
     if options.swi:
         ds_swi = sink("ds_swi", "swi", ["swi_metadata"], metadata={
             "Units": "arbitrary", "SkullStripped": False, **acquisition,

@@ -14,13 +14,21 @@ from qsmprep.interfaces.phase import LoadEchoes
 from qsmprep.interfaces.reference import ReferenceSusceptibility
 from qsmprep.interfaces.relaxometry import FitR2star
 from qsmprep.interfaces.swi import ComputeSWI, QSMVenography
+from qsmprep.interfaces.waterfat import WaterFatField
 
 OUTPUT_FIELDS = [
     "magnitude", "mask", "r2star", "t2star", "s0", "field_hz", "field_magnitude",
     "unwrapped_phase", "local_field_hz", "eroded_mask", "chi", "field_metadata",
     "bfr_metadata", "inversion_metadata", "reference_metadata", "r2star_metadata",
     "mask_metadata", "load_metadata", "swi", "minip", "chi_mip", "swi_metadata",
+    "water", "fat", "pdff",
 ]
+
+#: Outputs only the water-fat field mapping (``--fieldmap-method waterfat``) produces.
+WATERFAT_FIELDS = {"water", "fat", "pdff"}
+
+#: Inversion methods with the calcaneus study's MIP data weight and |W - F| edge image.
+STUDY_WEIGHT_METHODS = {"l2medi", "tvmedi"}
 
 
 def init_qsm_wf(
@@ -50,7 +58,8 @@ def init_qsm_wf(
 
     load = pe.Node(LoadEchoes(phase_units=phase_units or "auto"), name="load_echoes",
                    mem_gb=mem_gb)
-    mask = pe.Node(BrainMask(erode_mm=options.mask_erode_mm), name="brain_mask",
+    mask = pe.Node(BrainMask(erode_mm=options.mask_erode_mm, mask_type=options.mask_type),
+                   name="brain_mask",
                    mem_gb=mem_gb)
     if options.mask_threshold is not None:
         mask.inputs.threshold = options.mask_threshold
@@ -60,6 +69,9 @@ def init_qsm_wf(
         name="fit_r2star", n_procs=omp_nthreads, mem_gb=mem_gb,
     )
     if len(echo_times) < 2:  # single echo: no R2* fit (QSM from phase / TE only)
+        r2star = None
+    waterfat = has_phase and options.fieldmap_method == "waterfat"
+    if waterfat:  # R2* comes from the water-fat fit (the magnitude fit is biased by fat)
         r2star = None
     workflow.connect([*([] if r2star is None else [
         (load, r2star, [("magnitude", "magnitude")]),
@@ -80,12 +92,29 @@ def init_qsm_wf(
     if not has_phase:
         return workflow
 
-    field = pe.Node(
-        EstimateField(echo_times=echo_times, method=options.fieldmap_method,
-                      unwrap_method=options.unwrap_method, phase_sign=options.phase_sign,
-                      num_threads=omp_nthreads),
-        name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
-    )
+    if options.fieldmap_method in ("waterfat", "inphase"):
+        field = pe.Node(
+            WaterFatField(echo_times=echo_times, b0_tesla=b0_tesla,
+                          method=options.fieldmap_method, fat_model=options.fat_model,
+                          phase_sign=options.phase_sign, smoothness=options.waterfat_smoothness,
+                          unwrap_method=options.unwrap_method, num_threads=omp_nthreads),
+            name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 3,
+        )
+        if options.water_ppm is not None:
+            field.inputs.water_ppm = options.water_ppm
+        if options.inphase_echoes:
+            field.inputs.echoes = [int(e) for e in options.inphase_echoes.split(",")]
+    else:
+        field = pe.Node(
+            EstimateField(echo_times=echo_times, method=options.fieldmap_method,
+                          unwrap_method=options.unwrap_method, phase_sign=options.phase_sign,
+                          num_threads=omp_nthreads),
+            name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
+        )
+    # the calcaneus study's weights: MIP over TE (data), opposed-phase |W - F| (edges)
+    study = options.study_weights and options.inversion_method in STUDY_WEIGHT_METHODS
+    weights = [("mip", "magnitude")] if study and options.fieldmap_method in (
+        "waterfat", "inphase") else [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]
     bfr = pe.Node(
         RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
                          erode_mm=options.bfr_erode_mm, params=options.bfr_params,
@@ -106,10 +135,13 @@ def init_qsm_wf(
     workflow.connect([
         (load, field, [("magnitude", "magnitude"), ("phase", "phase")]),
         (mask, field, [("mask", "mask")]),
-        (field, bfr, [("field_hz", "field_hz"), ("noise_hz", "noise_hz")]),
+        # water-fat noise maps rise steeply with R2* (marrow): as PDF weights they bias the
+        # marrow field on the body phantom (benchmarks/RESULTS.md), so PDF runs unweighted
+        (field, bfr, [("field_hz", "field_hz")]
+         + ([] if options.fieldmap_method == "waterfat" else [("noise_hz", "noise_hz")])),
         (mask, bfr, [("mask", "mask")]),
         (bfr, invert, [("local_field_hz", "local_field_hz"), ("mask", "mask")]),
-        (field, invert, [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]),
+        (field, invert, weights),
         (invert, reference, [("chi", "chi")]),
         (bfr, reference, [("mask", "mask")]),
         *([] if r2star is None else [(r2star, reference, [("r2star", "r2star")])]),
@@ -122,6 +154,14 @@ def init_qsm_wf(
         (invert, outputnode, [("metadata", "inversion_metadata")]),
         (reference, outputnode, [("chi", "chi"), ("metadata", "reference_metadata")]),
     ])
+    if waterfat:
+        workflow.connect([
+            (field, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
+                                 ("r2star_metadata", "r2star_metadata"), ("water", "water"),
+                                 ("fat", "fat"), ("pdff", "pdff")]),
+            (field, reference, [("r2star", "r2star")]),
+            *([(field, invert, [("opposed_phase", "edge_image")])] if study else []),
+        ])
     if options.swi:
         swi = pe.Node(ComputeSWI(echo_times=echo_times, phase_sign=options.phase_sign,
                                  slab_mm=options.mip_slab_mm, num_threads=omp_nthreads),

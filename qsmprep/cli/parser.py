@@ -15,6 +15,7 @@ from qsmprep.config import (
     FieldmapMethod,
     InversionMethod,
     LambdaRule,
+    MaskType,
     R2starMethod,
     ReferenceMethod,
     UnwrapMethod,
@@ -122,6 +123,24 @@ def _choice(values: tuple[str, ...]):
     return convert
 
 
+def _echo_list(value: str) -> str:
+    """``--inphase-echoes``: comma-separated 1-based echo numbers."""
+    try:
+        numbers = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a list of echo numbers like 1,3,5.")
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}': echo numbers start at 1.")
+    return ",".join(str(n) for n in sorted(set(numbers)))
+
+
+#: ``--preset``: workflow defaults per body region (explicit options win).
+PRESETS = {
+    "body": {"fieldmap_method": "waterfat", "mask_type": "body", "bfr_method": "pdf",
+             "bfr_erode_mm": 1.0, "inversion_method": "tv"},
+}
+
+
 def _lambda(value: str) -> float | str:
     if value.strip().lower() == "auto":
         return "auto"
@@ -199,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_true", help="do not validate the input dataset")
     g.add_argument(*_aliases("--mask-dir"), dest="execution.mask_dir", type=_existing_dir,
                    metavar="DIR", help="derivatives folder with <entities>_desc-brain_mask "
+                   "(desc-body_mask with --mask-type body) "
                    "images to use instead of computed masks")
 
     g = parser.add_argument_group("performance")
@@ -235,7 +255,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_aliases("--fieldmap-method"), dest="workflow.fieldmap_method",
                    type=_choice(get_args(FieldmapMethod)), metavar=_metavar(FieldmapMethod), default=wf.fieldmap_method,
                    help="multi-echo field estimation: nlfit (nonlinear complex fit), linear "
-                   "(weighted linear fit of unwrapped phase)")
+                   "(weighted linear fit of unwrapped phase), waterfat (water-fat separation "
+                   "with a multi-peak fat model and R2*: body/bone; writes PDFF, water and fat "
+                   "maps), inphase (single-frequency fit of the echoes in phase with fat, "
+                   "the lumbar-spine study's baseline; biased where fat is present)")
+    g.add_argument("--preset", dest="preset", choices=sorted(PRESETS), default=None,
+                   help="method defaults for a body region (explicit options override): "
+                   "body = " + ", ".join(f"{k.replace('_', '-')} {v}"
+                                         for k, v in PRESETS["body"].items()))
+    g.add_argument(*_aliases("--mask-type"), dest="workflow.mask_type",
+                   type=_choice(get_args(MaskType)), metavar=_metavar(MaskType),
+                   default=wf.mask_type, help="automatic mask: brain (brain extraction) or "
+                   "body (signal threshold, hole filling; limbs/trunks with several parts)")
+    g.add_argument(*_aliases("--fat-model"), dest="workflow.fat_model", default=wf.fat_model,
+                   metavar="NAME|FILE|TABLE",
+                   help="fat spectrum of waterfat/inphase: ismrm (6-peak liver), ren-marrow "
+                   "(9-peak bone marrow), scanner7, single, a file with two columns (ppm, "
+                   "relative amplitude), or inline 'ppm:amp,ppm:amp' (ppm relative to water)")
+    g.add_argument(*_aliases("--water-ppm"), dest="workflow.water_ppm", type=_positive_float,
+                   metavar="PPM", help="water chemical shift of the scan (about 4.65 ppm at "
+                   "body temperature; default: the fat table's reference)")
+    g.add_argument(*_aliases("--inphase-echoes"), dest="workflow.inphase_echoes",
+                   type=_echo_list, metavar="N[,N...]",
+                   help="echo numbers (1-based) for --fieldmap-method inphase, e.g. 1,3,5 "
+                   "(default: the echoes in phase with the main fat peak)")
+    g.add_argument(*_aliases("--waterfat-smoothness"), dest="workflow.waterfat_smoothness",
+                   type=_non_negative_float, default=wf.waterfat_smoothness, metavar="W",
+                   help="weight of the field smoothness that resolves water/fat ambiguity")
+    g.add_argument(*_aliases("--study-weights"), dest="workflow.study_weights",
+                   action="store_true", help="l2medi/tvmedi with waterfat: the calcaneus "
+                   "study's data weight (maximum over echoes of the magnitude) and edge mask "
+                   "(opposed-phase |W - F|) instead of the field-noise weight")
     g.add_argument(*_aliases("--unwrap-method"), dest="workflow.unwrap_method",
                    type=_choice(get_args(UnwrapMethod)), metavar=_metavar(UnwrapMethod), default=wf.unwrap_method,
                    help="spatial unwrapping: region-growing (quality-guided, exact), romeo "
@@ -330,6 +380,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         explicit = _explicit_dests(parser, argv)
     else:
         explicit = None
+    if namespace.preset:
+        given = explicit if explicit is not None else _explicit_dests(parser, argv)
+        for key, value in PRESETS[namespace.preset].items():
+            if f"workflow.{key}" not in given:
+                setattr(config.workflow, key, value)
+                setattr(namespace, f"workflow.{key}", None)  # keep the preset value
     for dest, value in vars(namespace).items():
         if "." not in dest or value is None:
             continue
@@ -346,6 +402,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         config.workflow.validate()
     except ConfigError as error:
         parser.error(str(error))
+    if config.workflow.fieldmap_method in ("waterfat", "inphase"):
+        from qsmprep.interfaces.waterfat import resolve_fat_model
+
+        try:
+            resolve_fat_model(config.workflow.fat_model, config.workflow.water_ppm)
+        except ValueError as error:
+            parser.error(f"--fat-model: {error}")
     execution = config.execution
     for key in ("participant_label", "session_label"):  # also when read from --config-file
         try:

@@ -184,7 +184,8 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
     if not runnable:
         raise RunError("no acquisition can be processed (see the errors above).",
                        1 if failed else 66)
-    masks = bids.find_masks(execution.mask_dir, runnable) if execution.mask_dir else {}
+    masks = (bids.find_masks(execution.mask_dir, runnable, desc=config.workflow.mask_type)
+             if execution.mask_dir else {})
     reference_masks = {}
     if config.workflow.reference == "roi":
         if not execution.mask_dir:

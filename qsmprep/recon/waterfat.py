@@ -830,7 +830,13 @@ def detect_swaps(
         smooth = num / np.maximum(den, 1e-12)
         outlier = mask & (np.abs(detrended - smooth) > limit)
         keep = mask & ~outlier
-    fraction = float(np.count_nonzero(outlier)) / count
+    # count only voxels with signal (no-signal voxels inside a mask, e.g. cortical bone,
+    # have random fields): weight above 20% of the median weight
+    w_in = w[mask]
+    strong = mask & (w >= 0.2 * float(np.median(w_in[w_in > 0])) if np.any(w_in > 0) else mask)
+    count = max(int(np.count_nonzero(strong)), 1)
+    fraction = float(np.count_nonzero(outlier & strong)) / count
+    mask = strong
     jumps = pairs = 0
     for axis in range(3):
         if mask.shape[axis] < 2:

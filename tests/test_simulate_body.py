@@ -1,0 +1,83 @@
+"""The water-fat leg phantom, its forward simulation and its BIDS writer (known truth)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from qsmprep.recon import waterfat
+from qsmprep.simulate import body
+from qsmprep.simulate.body_bids import leg_affine, write_body_dataset
+
+
+@pytest.fixture(scope="module")
+def small_leg():
+    return body.leg_dataset(voxel_size=(4.0, 4.0, 4.0), fov_mm=(128.0, 128.0, 48.0),
+                            echo_times=(1.2e-3, 2.1e-3, 3.0e-3, 3.9e-3), snr=None)
+
+
+def test_marrow_properties_follow_the_model():
+    props = body.marrow_properties(0.2, 50.0)
+    assert props["chi"] == pytest.approx(0.8 * 0.5 * body.FAT_CHI_PPM + 0.2 * body.BONE_CHI_PPM)
+    assert props["r2star"] == pytest.approx(40 + 800 * 0.2)
+    assert props["pd"] == pytest.approx(0.8 * body.MARROW_PD)
+    with pytest.raises(ValueError, match="BV/TV"):
+        body.marrow_properties(1.2, 50)
+    with pytest.raises(ValueError, match="PDFF"):
+        body.marrow_properties(0.1, 120)
+
+
+def test_leg_phantom_regions(small_leg):
+    simulation, leg = small_leg
+    labels = leg.phantom.labels
+    assert set(np.unique(labels)) == {12, 13, 14, 15, 21, 22, 23, 24}
+    # the leg continues beyond the field of view: tissue on the first and last slice
+    assert (labels[..., 0] != 14).any() and (labels[..., -1] != 14).any()
+    for label, (bvtv, pdff) in body.DEFAULT_MARROW.items():
+        region = labels == label
+        assert np.allclose(leg.pdff[region], pdff) and np.allclose(leg.bvtv[region], bvtv)
+        assert np.allclose(leg.phantom.chi_ppm[region], body.marrow_properties(bvtv, pdff)["chi"])
+    assert np.allclose(leg.water + leg.fat, leg.phantom.m0)
+    assert 30 <= min(v[1] for v in body.DEFAULT_MARROW.values())  # PDFF 30-100%
+    # three tibial regions of decreasing bone density along the leg
+    assert body.DEFAULT_MARROW[21][0] > body.DEFAULT_MARROW[22][0] > body.DEFAULT_MARROW[23][0]
+
+
+def test_noise_free_signal_is_the_water_fat_model(small_leg):
+    simulation, leg = small_leg
+    tissue = leg.phantom.m0 > 0.2
+    te = simulation.echo_times
+    c = waterfat.fat_signal(te, 3.0, "ren_marrow")
+    f = simulation.total_field_hz
+    predicted = (leg.water[..., None] + leg.fat[..., None] * c) * np.exp(
+        (-leg.phantom.r2star[..., None] + 2j * np.pi * f[..., None]) * te)
+    measured = simulation.magnitude * np.exp(1j * simulation.phase)
+    ratio = measured[tissue] / predicted[tissue]
+    # a common phase offset per voxel (phi0), unit magnitude
+    assert np.allclose(np.abs(ratio), 1.0, atol=1e-3)
+    assert np.allclose(np.angle(ratio / ratio[:, :1]), 0.0, atol=1e-3)
+    # the background field from the air around the leg is present (and shimmed)
+    assert np.ptp(simulation.background_field_ppm[tissue]) > 0.1
+
+
+def test_body_bids_writer(tmp_path, small_leg):
+    simulation, leg = small_leg
+    root = write_body_dataset(tmp_path / "leg", simulation, leg,
+                              leg_affine(leg.phantom.shape, leg.phantom.voxel_size))
+    anat = root / "sub-01" / "anat"
+    assert len(list(anat.glob("*_part-phase_MEGRE.nii.gz"))) == 4
+    truth = root / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    pdff = np.asarray(nb.load(str(truth / "sub-01_PDFFmap.nii.gz")).dataobj, dtype=np.float32)
+    assert np.allclose(pdff, leg.pdff * (leg.phantom.labels != 14), atol=0.01)
+    table = (truth / "sub-01_desc-phantom_dseg.tsv").read_text().splitlines()
+    assert table[0].split("\t") == ["index", "name", "chi_ppm", "pdff_percent", "bvtv",
+                                    "r2star_per_s"]
+    row21 = [line for line in table if line.startswith("21\t")][0].split("\t")
+    assert float(row21[4]) == pytest.approx(body.DEFAULT_MARROW[21][0])
+    sidecar = json.loads((truth / "sub-01_PDFFmap.json").read_text())
+    assert sidecar["FatModel"] == "ren_marrow" and sidecar["Units"] == "percent"
+    megre = json.loads((root / "MEGRE.json").read_text())
+    assert megre["MagneticFieldStrength"] == 3.0
