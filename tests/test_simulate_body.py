@@ -81,3 +81,25 @@ def test_body_bids_writer(tmp_path, small_leg):
     assert sidecar["FatModel"] == "ren_marrow" and sidecar["Units"] == "percent"
     megre = json.loads((root / "MEGRE.json").read_text())
     assert megre["MagneticFieldStrength"] == 3.0
+
+
+def test_trabecular_spheres_mean_chi_linear_in_bvtv_and_r2prime_grows():
+    from qsmprep.simulate import trabecular
+
+    models = [trabecular.simulate_spheres(32, n, (2.0, 5.0), factor=3, seed=seed)
+              for seed, n in enumerate((10, 20, 35, 55))]
+    bvtv = [m.bvtv for m in models]
+    assert bvtv == sorted(bvtv) and bvtv[0] > 0.02 and bvtv[-1] < 0.4
+    rows = trabecular.trabecular_table(models, (-0.5, -1.0, -2.0))
+    for dchi in (-0.5, -1.0, -2.0):
+        subset = [r for r in rows if r["delta_chi"] == dchi]
+        slope, _, r2 = trabecular.linear_fit([r["bvtv"] for r in subset],
+                                             [r["chi_mean"] for r in subset])
+        assert r2 >= 0.98
+        assert abs(slope / dchi - 1) <= 0.25, slope / dchi  # the study: about 0.81
+        r2prime = [r["r2prime"] for r in subset]
+        assert all(b > a for a, b in zip(r2prime, r2prime[1:])), r2prime
+    # a Lorentzian of known width is recovered
+    rng = np.random.default_rng(0)
+    samples = 20.0 / 2 * np.tan(np.pi * (rng.uniform(size=200000) - 0.5))
+    assert trabecular.lorentzian_fwhm_hz(samples) == pytest.approx(20.0, rel=0.1)
