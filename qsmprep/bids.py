@@ -465,7 +465,7 @@ and parameters that made it; `logs/config-*.toml` holds the configuration of eac
 """
 
 BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisemap.*", "*_swi.*",
-              "*_minIP.*", "*_PDFFmap.*")
+              "*_minIP.*", "*_PDFFmap.*", "*_stats.*")
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:

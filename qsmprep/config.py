@@ -45,6 +45,7 @@ class ExecutionConfig:
     bids_filter_file: Path | None = None
     bids_database_dir: Path | None = None
     mask_dir: Path | None = None
+    roi_dir: Path | None = None  # derivatives folder with *_dseg / *_label-<roi>_mask ROIs
     skip_bids_validation: bool = False
     clean_workdir: bool = False
     write_graph: bool = False
@@ -87,6 +88,7 @@ class WorkflowConfig:
     inversion_method: InversionMethod = "tv"
     inversion_lambda: float | None = None
     lambda_rule: LambdaRule | None = None
+    lambda_sweep: list[float] = field(default_factory=list)  # extra Chimap per lambda
     inversion_params: dict[str, Any] = field(default_factory=dict)
     bfr_params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceMethod = "mean"
@@ -104,7 +106,7 @@ class WorkflowConfig:
         ):
             accepted = _keyword_parameters(registry[method])
             if step == "inversion" and "lam" not in accepted and (
-                self.inversion_lambda is not None or self.lambda_rule
+                self.inversion_lambda is not None or self.lambda_rule or self.lambda_sweep
             ):
                 raise ConfigError(
                     f"inversion method '{method}' has no regularisation weight lambda; set "
@@ -116,6 +118,19 @@ class WorkflowConfig:
                         f"{step} method '{method}' has no parameter '{key}'; it accepts: "
                         f"{', '.join(sorted(accepted))}."
                     )
+
+
+@dataclass
+class GroupConfig:
+    """Group level (study statistics): reference measurements, groups, covariates."""
+
+    reference_table: Path | None = None  # TSV: participant_id, [session], roi, measure, value, unit
+    group_by: str | None = None  # participants.tsv column holding the groups
+    group_measure: str | None = None  # reference measure whose thresholds define groups
+    group_cutoffs: list[float] = field(default_factory=lambda: [80.0, 120.0])  # QCT mg/cm3
+    group_names: list[str] = field(
+        default_factory=lambda: ["osteoporosis", "osteopenia", "normal"])
+    covariates: list[str] = field(default_factory=list)  # participants.tsv columns (ANCOVA)
 
 
 def _keyword_parameters(function) -> set[str]:
@@ -136,6 +151,7 @@ class Config:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     nipype: NipypeConfig = field(default_factory=NipypeConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    group: GroupConfig = field(default_factory=lambda: GroupConfig())
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain TOML-ready dict (paths as strings, unset values omitted)."""
@@ -156,7 +172,7 @@ class Config:
             if section_name not in {f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(
                     f"{source}: unknown section [{section_name}]; "
-                    "valid sections are [execution], [nipype] and [workflow]."
+                    "valid sections are [execution], [nipype], [workflow] and [group]."
                 )
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{section_name}] must be a table of key = value.")
@@ -214,7 +230,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}.")
-        return [str(v) for v in value]
+        convert = float if args and args[0] is float else str
+        try:
+            return [convert(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a list of numbers, got {value!r}.") from None
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}.")

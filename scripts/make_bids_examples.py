@@ -13,6 +13,9 @@ Datasets (all from :mod:`qsmprep.simulate`, deterministic for the fixed seeds be
   in the deep gray nuclei), two sessions (different head orientation) x two runs (separate
   acquisitions: different noise and phase offsets), 3 echoes (TE 5/12/19 ms), 3 mm
   isotropic, B0 3.0 T, phase in rad (int16 with scl_slope pi/4096).
+* ``vertebra_study``: 8 participants x 2 scans of a lumbar-spine body phantom whose vertebral
+  susceptibility follows a QCT-like BMD linearly (qsmprep.simulate.study), two observers'
+  ROI label maps and the reference table, for the group level.
 
 Fields are simulated on a field of view holding the whole head and neck and then cropped to
 a slab around the brain; noise is kept in a band around the head (0 beyond) so that the
@@ -182,6 +185,123 @@ def make_brain_sessions(out: Path, n_subjects: int = 1) -> Path:
     )
 
 
+README_STUDY = """\
+# vertebra_study (simulated)
+
+A small simulated lumbar-spine QSM study for the group level (qsmprep.simulate.study;
+not in-vivo data): {n} participants, two scans each (ses-1, ses-2: a repeat scan with new
+noise and phase offsets, field of view shifted by one slice), four vertebral bodies L1-L4.
+
+- Truth: chi = {intercept} + ({slope}) x BMD + e ppm, e ~ N(0, {scatter} ppm), BMD in
+  mg/cm3 (QCT-like reference); R2* = {r2i} + {r2s} x BMD (1/s). Per-participant values and
+  the model: derivatives/groundtruth/study_truth.json.
+- {n_echoes} echoes, TE = {echo_ms} ms, 3 mm isotropic, {shape} voxels, B0 3 T along the
+  body axis, SNR {snr}, phase in rad (int16, scl_slope pi/4096).
+- ROIs (derivatives/rois): observer1 and observer2 on ses-1, observer1 on ses-2
+  (`desc-<observer>_dseg` + `.tsv` index/name); observer2's ses-1 ROIs are mapped onto
+  ses-2 by qsmprep (same scanner space).
+- Reference table: derivatives/reference/qct.tsv (participant_id, roi, measure, value, unit).
+
+Run the study:
+
+    qsmprep bids_examples/vertebra_study out participant \\
+        --roi-dir bids_examples/vertebra_study/derivatives/rois \\
+        --lambda-sweep 2e-5 2e-4 2e-3
+    qsmprep bids_examples/vertebra_study out group \\
+        --reference-table bids_examples/vertebra_study/derivatives/reference/qct.tsv
+
+Regenerate with `python scripts/make_bids_examples.py --only vertebra_study`.
+"""
+
+ECHOES_STUDY = [0.003, 0.008, 0.013]
+STUDY_SNR = 100.0
+
+
+def make_vertebra_study(out: Path, n_participants: int = 8) -> Path:
+    """Write ``vertebra_study`` (participants x 2 scans, ROIs, reference table) under ``out``."""
+    import dataclasses
+
+    from qsmprep.simulate.bids import save_nifti, write_json, write_tsv
+    from qsmprep.simulate.study import VERTEBRAE, TruthModel, reference_rows, simulate_study
+
+    model = TruthModel()
+    participants = simulate_study(n_participants, model=model, seed=2024)
+    # a 120 mm slab of the 240 mm long body; the second scan's slab is one slice lower
+    crops = {"1": (slice(None), slice(None), slice(20, 60)),
+             "2": (slice(None), slice(None), slice(19, 59))}
+    subjects = []
+    for p in participants:
+        runs = []
+        for s, (session, crop) in enumerate(crops.items()):
+            affine, b0_dir = oblique_affine(p.phantom.voxel_size, (0.0, 0.0, 0.0),
+                                            shape=p.phantom.shape)
+            sim = multi_echo_gre(p.phantom, echo_times=ECHOES_STUDY, b0_tesla=3.0,
+                                 b0_direction=b0_dir, snr=STUDY_SNR,
+                                 seed=5000 + 10 * int(p.label) + s)
+            runs.append(RunSpec(p.phantom.crop(crop), sim.crop(crop), crop_affine(affine, crop),
+                                session=session))
+        subjects.append(SubjectSpec(p.label, runs, participant={"age": p.age, "sex": p.sex}))
+    shape = runs[0].phantom.shape
+    root = write_bids_dataset(
+        out / "vertebra_study", subjects, name="qsmprep simulated vertebra study",
+        readme=README_STUDY.format(
+            n=n_participants, intercept=model.intercept_ppm, slope=model.slope_ppm_per_mgcm3,
+            scatter=model.scatter_ppm, r2i=model.r2star_intercept, r2s=model.r2star_slope,
+            snr=int(STUDY_SNR), **_describe(ECHOES_STUDY, shape)),
+        phase_storage="rad",
+        acquisition_metadata={"MagneticFieldStrength": 3, "RepetitionTime": 0.02,
+                              "FlipAngle": 10},
+        participants_json={k: PARTICIPANTS_JSON[k] for k in ("age", "sex")},
+        background_margin_mm=6.0, overwrite=True,
+    )
+    rois = root / "derivatives" / "rois"
+    write_json(rois / "dataset_description.json", {
+        "Name": "vertebra_study: observers' vertebral body ROIs", "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmprep.simulate.study", "Description": "simulated "
+                         "observers: vertebral bodies eroded by one voxel; observer2 shifted "
+                         "by up to one voxel; observer1 on ses-2 one slice fewer"}],
+    })
+    for p in participants:
+        for session, rater, key in (("1", "observer1", "observer1"),
+                                    ("1", "observer2", "observer2"),
+                                    ("2", "observer1", "observer1_scan2")):
+            anat = rois / f"sub-{p.label}" / f"ses-{session}" / "anat"
+            stem = f"sub-{p.label}_ses-{session}_desc-{rater}_dseg"
+            crop = crops[session]
+            affine, _ = oblique_affine(p.phantom.voxel_size, (0.0, 0.0, 0.0),
+                                       shape=p.phantom.shape)
+            save_nifti(anat / f"{stem}.nii.gz", p.rois[key][crop].astype(np.int16),
+                       crop_affine(affine, crop))
+            write_tsv(anat / f"{stem}.tsv", ["index", "name"],
+                      [[k + 1, name] for k, name in enumerate(VERTEBRAE)])
+            write_json(anat / f"{stem}.json", {"Description": f"Vertebral body ROIs drawn by "
+                                               f"{rater} on ses-{session}"})
+    reference = root / "derivatives" / "reference"
+    rows = reference_rows(participants)
+    write_tsv(reference / "qct.tsv", ["participant_id", "roi", "measure", "value", "unit"],
+              [[r["participant_id"], r["roi"], r["measure"], r["value"], r["unit"]]
+               for r in rows])
+    write_json(reference / "qct.json", {
+        "participant_id": {"Description": "Participant"},
+        "roi": {"Description": "Vertebra (ROI name in the ROI label tables)"},
+        "measure": {"Description": "qct_bmd: volumetric bone mineral density by QCT"},
+        "value": {"Description": "Measured value"},
+        "unit": {"Description": "Unit of value"},
+    })
+    write_json(root / "derivatives" / "groundtruth" / "study_truth.json", {
+        "model": dataclasses.asdict(model),
+        "participants": [{"participant_id": f"sub-{p.label}", "age": p.age, "sex": p.sex,
+                          **{f"{name}_bmd": float(p.bmd[k]) for k, name in enumerate(VERTEBRAE)},
+                          **{f"{name}_chi_ppm": round(float(p.chi[k]), 6)
+                             for k, name in enumerate(VERTEBRAE)},
+                          **{f"{name}_r2star": round(float(p.r2star[k]), 4)
+                             for k, name in enumerate(VERTEBRAE)}}
+                         for p in participants],
+    })
+    return root
+
+
 README_LEG = """\
 # body_leg (simulated)
 
@@ -214,7 +334,8 @@ def make_body_leg(out: Path) -> Path:
 
 
 DATASETS = {"brain_megre": make_brain_megre, "brain_sessions": make_brain_sessions,
-            "body_leg": make_body_leg}
+            "body_leg": make_body_leg,
+            "vertebra_study": make_vertebra_study}
 
 
 def main(argv: list[str] | None = None) -> int:

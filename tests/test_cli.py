@@ -83,9 +83,9 @@ def test_config_file_unknown_key_is_named(dataset, tmp_path, capsys):
         Config.from_dict({"workflow": {"bfr_method": "magic"}})
 
 
-def test_group_level_not_yet_available(dataset, tmp_path, caplog):
+def test_group_level_needs_participant_outputs(dataset, tmp_path, caplog):
     assert main([str(dataset), str(tmp_path / "out"), "group"]) == 64
-    assert "not yet available" in caplog.text
+    assert "run the participant level" in caplog.text
 
 
 def test_output_dir_checks(dataset, tmp_path, caplog):

@@ -8,9 +8,12 @@ from nipype.pipeline import engine as pe
 
 from qsmprep.bids import Acquisition
 from qsmprep.config import Config
+from qsmprep.study_io import scan_label
 
 from .outputs import init_ds_qsm_wf
 from .qsm import OUTPUT_FIELDS, WATERFAT_FIELDS, init_qsm_wf
+from .roi import connect_roi_wf
+from .sweep import connect_lambda_sweep
 
 #: Bytes per voxel and echo held at once by the heaviest step (complex fits, padded FFTs).
 BYTES_PER_VOXEL_ECHO = 48
@@ -23,9 +26,11 @@ def init_qsmprep_wf(
     shapes: dict[str, tuple[int, ...]],
     provided_masks: dict[str, str] | None = None,
     reference_masks: dict[str, str] | None = None,
+    rois: dict[str, list[dict]] | None = None,
     name: str = "qsmprep_wf",
 ) -> pe.Workflow:
-    """Workflow over all acquisitions; ``shapes`` maps acquisition names to image shapes."""
+    """Workflow over all acquisitions; ``shapes`` maps acquisition names to image shapes,
+    ``rois`` acquisition names to their ROI sources (qsmprep.study_io.find_rois)."""
     workflow = pe.Workflow(name=name)
     workflow.base_dir = str(config.execution.work_dir)
     provided_masks = provided_masks or {}
@@ -38,6 +43,7 @@ def init_qsmprep_wf(
             provided_mask=provided_masks.get(acquisition.name),
             reference_mask=reference_masks.get(acquisition.name),
             omp_nthreads=omp_nthreads,
+            rois=(rois or {}).get(acquisition.name),
         )])
     return workflow
 
@@ -50,6 +56,7 @@ def init_single_acquisition_wf(
     provided_mask: str | None,
     reference_mask: str | None = None,
     omp_nthreads: int,
+    rois: list[dict] | None = None,
 ) -> pe.Workflow:
     """QSM and output workflows of one acquisition, connected."""
     name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
@@ -96,6 +103,17 @@ def init_single_acquisition_wf(
               and (len(echoes) >= 2 or f not in r2star_fields)
               and (config.workflow.fieldmap_method == "waterfat" or f not in WATERFAT_FIELDS)]
     workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
+    sweep_wf = None
+    if acquisition.has_phase and config.workflow.lambda_sweep:
+        sweep_wf = connect_lambda_sweep(
+            workflow, qsm_wf, lambdas=config.workflow.lambda_sweep,
+            output_dir=str(config.execution.output_dir), bids_dir=str(config.execution.bids_dir),
+            entities=acquisition.output_entities, source_files=acquisition.source_files,
+            echo_times=acquisition.echo_times, b0_tesla=acquisition.b0_tesla)
+    if rois:
+        connect_roi_wf(workflow, [ds_wf, sweep_wf], output_dir=str(config.execution.output_dir),
+                       entities=acquisition.output_entities,
+                       scan=scan_label(acquisition.output_entities), rois=rois)
     return workflow
 
 

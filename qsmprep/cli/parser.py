@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="derivatives folder with <entities>_desc-brain_mask "
                    "(desc-body_mask with --mask-type body) "
                    "images to use instead of computed masks")
+    g.add_argument(*_aliases("--roi-dir"), dest="execution.roi_dir", type=_existing_dir,
+                   metavar="DIR", help="derivatives folder with ROIs for ROI statistics: "
+                   "<entities>[_desc-<rater>]_dseg images with a .tsv (index, name), or "
+                   "<entities>_label-<roi>[_desc-<rater>]_mask images (ROIs in the input "
+                   "dataset's anat folders are used too)")
 
     g = parser.add_argument_group("performance")
     g.add_argument("--nprocs", "--n-cpus", "--n_cpus", "--nthreads", dest="nipype.nprocs",
@@ -324,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_key_value, action=_MergeDict, metavar="KEY=VALUE",
                    help="extra parameter of the inversion method (repeatable), e.g. "
                    "threshold=0.15 for tkd, max_iter=300 for tv")
+    g.add_argument(*_aliases("--lambda-sweep"), dest="workflow.lambda_sweep", nargs="+",
+                   type=_positive_float, metavar="LAMBDA",
+                   help="also write one <entities>_desc-lambda<value>_Chimap per weight (e.g. "
+                   "2e-5 2e-4 2e-3); the group level relates their agreement with the "
+                   "reference to lambda")
     g.add_argument(*_aliases("--bfr-param"), dest="workflow.bfr_params", type=_key_value,
                    action=_MergeDict, metavar="KEY=VALUE",
                    help="extra parameter of the background removal method (repeatable), e.g. "
@@ -341,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_aliases("--mip-slab-mm"), dest="workflow.mip_slab_mm",
                    type=_positive_float, default=wf.mip_slab_mm, metavar="MM",
                    help="slab thickness of the minimum/maximum intensity projections")
+
+    g = parser.add_argument_group("group level (study statistics)")
+    g.add_argument(*_aliases("--reference-table"), dest="group.reference_table",
+                   type=_existing_file, metavar="FILE",
+                   help="TSV of reference measurements with columns participant_id, "
+                   "[session,] roi, measure, value, unit (e.g. QCT BMD in mg/cm3 per vertebra)")
+    g.add_argument(*_aliases("--group-by"), dest="group.group_by", metavar="COLUMN",
+                   help="participants.tsv column holding the groups to compare")
+    g.add_argument(*_aliases("--group-measure"), dest="group.group_measure", metavar="MEASURE",
+                   help="reference measure whose participant mean is cut at --group-cutoffs "
+                   "into groups (default: the only measure of the reference table)")
+    g.add_argument(*_aliases("--group-cutoffs"), dest="group.group_cutoffs", nargs="+",
+                   type=float, metavar="VALUE", help="ascending thresholds of "
+                   "--group-measure (default 80 120: QCT BMD mg/cm3)")
+    g.add_argument(*_aliases("--group-names"), dest="group.group_names", nargs="+",
+                   metavar="NAME", help="names of the groups below, between and above the "
+                   "cutoffs (default osteoporosis osteopenia normal)")
+    g.add_argument("--covariates", dest="group.covariates", nargs="+", metavar="COLUMN",
+                   help="participants.tsv columns adjusted for in the ANCOVA (e.g. age)")
 
     g = parser.add_argument_group("other options")
     g.add_argument("-w", "--work-dir", "--work_dir", dest="execution.work_dir", type=_path,

@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(config.execution.verbosity)
     try:
         if config.execution.analysis_level == "group":
-            raise RunError(
-                "the 'group' analysis level (study statistics) is not yet available in "
-                f"qsmprep {__version__}; run 'participant' first.", 64)
+            from qsmprep.study_io import StudyInputError
+
+            from .group import run_group
+
+            try:
+                return run_group(config)
+            except StudyInputError as error:
+                raise RunError(str(error), error.exit_code) from None
         _check_paths(config)
         plugin, plugin_args = _plugin_settings(config, namespace.use_plugin)
         return run_participant(config, plugin, plugin_args)
@@ -192,6 +197,16 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
             raise RunError("--reference roi needs --mask-dir with "
                            "<entities>_desc-reference_mask images.", 64)
         reference_masks = bids.find_masks(execution.mask_dir, runnable, desc="reference")
+    from qsmprep.study_io import StudyInputError, find_rois
+
+    try:
+        rois = find_rois(runnable, [execution.bids_dir, execution.roi_dir])
+    except StudyInputError as error:
+        raise RunError(str(error), error.exit_code) from None
+    if execution.roi_dir and not rois:
+        raise RunError(f"--roi-dir {execution.roi_dir} holds no ROI of the selected "
+                       "participants: expected sub-<l>/[ses-<s>/]anat/<entities>[_desc-<rater>]"
+                       "_dseg.nii.gz (+ .tsv) or <entities>_label-<roi>_mask.nii.gz.", 64)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     output_dir = execution.output_dir
     bids.write_dataset_files(output_dir, execution.bids_dir)
@@ -202,7 +217,7 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
 
         _configure_nipype(config, output_dir / "logs" / "crash", run_id)
         workflow = init_qsmprep_wf(config, runnable, shapes=shapes, provided_masks=masks,
-                                   reference_masks=reference_masks)
+                                   reference_masks=reference_masks, rois=rois)
     except Exception as error:  # any failure to build is exit 70
         LOGGER.exception("the workflow could not be built")
         raise RunError(f"the workflow could not be built: {error}", 70) from None
