@@ -78,7 +78,17 @@ class InvertDipole(SimpleInterface):
                 )
                 params["lam"] = float(choice.lam)
                 selection = {"RegularizationSelection": self.inputs.lambda_rule,
-                             "RegularizationCandidates": [float(v) for v in choice.lambdas]}
+                             "RegularizationCandidates": [float(v) for v in choice.lambdas],
+                             # the curve behind the choice, for the report's L-curve figure
+                             "RegularizationCriterion": choice.criterion,
+                             "RegularizationResidualNorms": [
+                                 float(v) for v in choice.residual_norms],
+                             "RegularizationNorms": [float(v) for v in choice.regulariser_norms],
+                             **({"RegularizationCurvature": [
+                                 float(v) for v in choice.curvature]}
+                                if choice.curvature is not None else {}),
+                             **({"RegularizationTarget": float(choice.target)}
+                                if choice.target is not None else {})}
             chi = inversion.invert(
                 local_ppm, mask, voxel_size=voxel_size, b0_direction=direction,
                 method=method, magnitude=magnitude, noise=noise, **params,

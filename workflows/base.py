@@ -6,8 +6,10 @@ import re
 
 from nipype.pipeline import engine as pe
 
+from qsmprep import __version__
 from qsmprep.bids import Acquisition
 from qsmprep.config import Config
+from qsmprep.reports.boilerplate import describe_qsm, describe_run
 from qsmprep.study_io import scan_label
 
 from .outputs import init_ds_qsm_wf
@@ -33,6 +35,7 @@ def init_qsmprep_wf(
     ``rois`` acquisition names to their ROI sources (qsmprep.study_io.find_rois)."""
     workflow = pe.Workflow(name=name)
     workflow.base_dir = str(config.execution.work_dir)
+    workflow.__desc__ = describe_run(version=__version__, n_acquisitions=len(acquisitions))
     provided_masks = provided_masks or {}
     reference_masks = reference_masks or {}
     omp_nthreads = config.nipype.omp_nthreads
@@ -74,6 +77,9 @@ def init_single_acquisition_wf(
         omp_nthreads=omp_nthreads,
         mem_gb=mem_gb,
     )
+    qsm_wf.__desc__ = describe_qsm(  # methods boilerplate (logs/CITATION.md)
+        config.workflow, echo_times=acquisition.echo_times, b0_tesla=acquisition.b0_tesla,
+        has_phase=acquisition.has_phase, provided_mask=bool(provided_mask))
     inputnode = qsm_wf.get_node("inputnode")
     echoes = acquisition.echoes
     inputnode.inputs.magnitude_files = [e.magnitude for e in echoes if e.magnitude]

@@ -24,6 +24,7 @@ from qsmprep.config import (
 EXIT_CODES = {
     0: "success",
     1: "at least one participant/acquisition failed (the others completed)",
+    3: "every map was written but a report (HTML page, figure, methods boilerplate) failed",
     16: "the input dataset failed BIDS validation",
     18: "the BIDS filters matched no input files",
     64: "command-line usage error (bad option, path or label)",
@@ -384,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_aliases("--resource-monitor"), dest="execution.resource_monitor",
                    action="store_true", help="record time and memory of every step")
     g.add_argument("--notrack", action="store_true", help="no-op: qsmprep never phones home")
+    g.add_argument(*_aliases("--reports-only"), dest="reports_only", action="store_true",
+                   help="only (re)build the HTML reports (sub-<label>.html; group/index.html "
+                   "at the group level) from the outputs already in output_dir")
+    g.add_argument(*_aliases("--boilerplate-only"), dest="boilerplate_only",
+                   action="store_true", help="only write the methods boilerplate "
+                   "(logs/CITATION.md and .bib) of the selected data and options; no "
+                   "processing")
     return parser
 
 

@@ -37,22 +37,62 @@ def main(argv: list[str] | None = None) -> int:
     """Run qsmprep; returns the process exit code."""
     config, namespace = parse_args(argv)
     _setup_logging(config.execution.verbosity)
+    from qsmprep.reports import runlog
+
+    run_log = runlog.attach_run_log(LOGGER)  # logs/qsmprep-<run id>.log, for the reports
     try:
+        if namespace.reports_only:
+            return run_reports_only(config)
+        if namespace.boilerplate_only and config.execution.analysis_level == "group":
+            raise RunError("--boilerplate-only applies to the participant level.", 64)
         if config.execution.analysis_level == "group":
             from qsmprep.study_io import StudyInputError
 
             from .group import run_group
 
             try:
-                return run_group(config)
+                code = run_group(config)
             except StudyInputError as error:
                 raise RunError(str(error), error.exit_code) from None
+            return _group_report(config, code)
         _check_paths(config)
         plugin, plugin_args = _plugin_settings(config, namespace.use_plugin)
-        return run_participant(config, plugin, plugin_args)
+        return run_participant(config, plugin, plugin_args,
+                               boilerplate_only=namespace.boilerplate_only)
     except RunError as error:
         LOGGER.error("%s", error)
         return error.exit_code
+    finally:
+        runlog.detach_run_log(LOGGER, run_log)
+
+
+def run_reports_only(config: Config) -> int:
+    """``--reports-only``: rebuild the pages from the outputs already in output_dir."""
+    from qsmprep import reports
+
+    output_dir = config.execution.output_dir
+    if not Path(output_dir).is_dir():
+        raise RunError(f"{output_dir} does not exist: run the participant level first.", 64)
+    if config.execution.analysis_level == "group":
+        return _group_report(config, 0)
+    available = reports.participants_with_outputs(output_dir)
+    labels = config.execution.participant_label or available
+    missing = sorted(set(labels) - set(available))
+    if missing:
+        raise RunError(f"no outputs of {', '.join('sub-' + m for m in missing)} in "
+                       f"{output_dir}; run the participant level first.", 64)
+    if not labels:
+        raise RunError(f"{output_dir} holds no participant outputs to report on.", 64)
+    failures = reports.build_participant_reports(output_dir, labels)
+    return reports.EXIT_REPORT_FAILED if failures else 0
+
+
+def _group_report(config: Config, code: int) -> int:
+    """Build group/index.html after the group level; a failure is counted (exit 3)."""
+    from qsmprep import reports
+
+    failures = reports.build_group_page(config.execution.output_dir)
+    return code or (reports.EXIT_REPORT_FAILED if failures else 0)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -135,8 +175,10 @@ def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dic
     return nipype.plugin, args
 
 
-def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
-    """Discover, build and run; returns the exit code."""
+def run_participant(config: Config, plugin: str, plugin_args: dict, *,
+                    boilerplate_only: bool = False) -> int:
+    """Discover, build and run (or only write the methods boilerplate); returns the exit
+    code."""
     from qsmprep import bids
 
     execution = config.execution
@@ -146,7 +188,11 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
     reuse = database_dir is not None and Path(database_dir, "layout_index.sqlite").exists()
     # without --bids-database-dir the index stays in memory: concurrent array tasks that
     # share a work dir must not reset one another's SQLite file
-    layout = bids.load_layout(execution.bids_dir, database_dir=database_dir, reset=not reuse)
+    try:
+        layout = bids.load_layout(execution.bids_dir, database_dir=database_dir,
+                                  reset=not reuse)
+    except bids.BIDSInputError as error:
+        raise RunError(str(error), error.exit_code) from None
     available = set(layout.get_subjects())
     missing = sorted(set(execution.participant_label) - available)
     if missing:
@@ -209,9 +255,13 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
                        "_dseg.nii.gz (+ .tsv) or <entities>_label-<roi>_mask.nii.gz.", 64)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     output_dir = execution.output_dir
-    bids.write_dataset_files(output_dir, execution.bids_dir)
-    bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml",
-                           _provenance_header(run_id) + config.to_toml())
+    if not boilerplate_only:
+        from qsmprep.reports import runlog
+
+        runlog.open_run_log(LOGGER, output_dir / "logs" / f"qsmprep-{run_id}.log")
+        bids.write_dataset_files(output_dir, execution.bids_dir)
+        bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml",
+                               _provenance_header(run_id) + config.to_toml())
     try:
         from qsmprep.workflows.base import init_qsmprep_wf
 
@@ -226,6 +276,11 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
             workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
         except Exception as error:  # graphviz missing is not fatal
             LOGGER.warning("could not write the workflow graph: %s", error)
+    report_failures = _write_boilerplate(output_dir, workflow)
+    if boilerplate_only:
+        from qsmprep.reports import EXIT_REPORT_FAILED
+
+        return EXIT_REPORT_FAILED if report_failures else 0
     LOGGER.info("processing %d acquisition(s) with %s (%s)", len(runnable), plugin, plugin_args)
     start = time.monotonic()
     started = time.time()
@@ -237,11 +292,49 @@ def run_participant(config: Config, plugin: str, plugin_args: dict) -> int:
             LOGGER.error("%s failed: %s", node, message)
         LOGGER.error("some steps failed (%s); crash files are in %s. Outputs of the other "
                      "acquisitions were written.", error, crash_dir)
+        failed += 1
+    else:
+        LOGGER.info("finished in %.1f s; outputs in %s", time.monotonic() - start, output_dir)
+    report_failures += _write_reports(config, runnable, run_id, started)
+    if failed:
         return 1
-    LOGGER.info("finished in %.1f s; outputs in %s", time.monotonic() - start, output_dir)
-    if execution.clean_workdir and not failed:
+    if execution.clean_workdir:
         shutil.rmtree(execution.work_dir, ignore_errors=True)
-    return 1 if failed else 0
+    from qsmprep.reports import EXIT_REPORT_FAILED
+
+    return EXIT_REPORT_FAILED if report_failures else 0
+
+
+def _write_boilerplate(output_dir: Path, workflow) -> int:
+    """logs/CITATION.md and .bib from the workflows' descriptions; returns failures (0/1)."""
+    from qsmprep.reports import collect_descriptions, write_citation_files
+
+    try:
+        paths = write_citation_files(output_dir, collect_descriptions(workflow))
+    except Exception:  # the boilerplate never stops processing
+        LOGGER.exception("the methods boilerplate could not be written")
+        return 1
+    LOGGER.info("methods boilerplate: %s", paths[0])
+    return 0
+
+
+def _write_reports(config: Config, runnable: list, run_id: str, started: float) -> int:
+    """After the run, from the files: the step run-time table and the participants' pages.
+    Returns the number of report failures (logged; the maps are already written)."""
+    from qsmprep import reports
+    from qsmprep.reports import runlog
+
+    output_dir = config.execution.output_dir
+    failures = 0
+    try:
+        runlog.write_runtime_log(config.execution.work_dir,
+                                 output_dir / "logs" / f"runtime-{run_id}.tsv",
+                                 {a.name: a.subject for a in runnable}, started)
+    except Exception:
+        LOGGER.exception("the run-time table could not be written")
+        failures += 1
+    labels = sorted({a.subject for a in runnable})
+    return failures + reports.build_participant_reports(output_dir, labels)
 
 
 def _provenance_header(run_id: str) -> str:

@@ -1,0 +1,252 @@
+"""Reports: the participant page of a real CLI run of the bundled brain example and a group
+page, rendered in a real headless browser (Debian's chromium + chromedriver through
+Selenium; skipped where no browser is installed); byte-identical figures across two runs;
+methods boilerplate that lists exactly the methods used; report failures counted, maps kept.
+
+Screenshots are saved in ``ci-artifacts/`` (ignored by git) for people to look at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsmprep.cli.run import main
+from qsmprep.reports import EXIT_REPORT_FAILED, boilerplate, figures
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "bids_examples" / "brain_megre"
+ARTIFACTS = REPO / "ci-artifacts"
+
+#: Citation keys of two method combinations (each key is cited by exactly that combination).
+DEFAULT = {"nlfit", "romeo", "ismv", "tv", "fansi", "dipole"}
+OTHER_ARGS = ["--fieldmap-method", "linear", "--unwrap-method", "laplacian", "--bfr-method",
+              "pdf", "--inversion-method", "medi", "--r2star-method", "arlo", "--reference",
+              "none"]
+OTHER = {"mcpc3ds", "laplacian", "pdf", "medi", "medi0", "arlo", "dipole"}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two CLI runs of brain_megre (fresh work dirs, different --nprocs)."""
+    if not EXAMPLE.exists():
+        pytest.skip("bundled example missing")
+    base = tmp_path_factory.mktemp("reports")
+    codes = {}
+    for name, nprocs in (("one", "2"), ("two", "1")):
+        codes[name] = main([str(EXAMPLE), str(base / name), "participant", "-w",
+                            str(base / f"work-{name}"), "--nprocs", nprocs,
+                            "--skip-bids-validation"])
+    return base, codes
+
+
+def test_participant_page_from_the_run(runs):
+    base, codes = runs
+    assert codes == {"one": 0, "two": 0}
+    out = base / "one"
+    page = (out / "sub-01.html").read_text()
+    names = sorted(p.name for p in (out / "sub-01" / "figures").glob("*.svg"))
+    assert names == [f"sub-01_desc-{n}_mosaic.svg" for n in
+                     ("chimap", "localfield", "mask", "r2star", "totalfield")]
+    for name in names:  # every figure is on the page, by a path relative to the page
+        assert f'src="sub-01/figures/{name}"' in page
+    # the summary comes from the sidecars: echo times, field, obliquity, methods
+    assert "4: TE = 4, 12, 20, 28 ms" in page and "2.894 T" in page
+    assert "obliquity 12.0°" in page and "2 × 2 × 2 mm" in page
+    for method in ("nlfit", "region_growing", "ismv", "tv (", "lam = 0.0002", "nlls"):
+        assert method in page, method
+    assert "qsm_wf.invert_dipole" in page  # run time per step from nipype's runtime
+    assert 'id="no-errors"' in page
+    assert (out / "logs" / "CITATION.md").exists() and (out / "logs" / "CITATION.bib").exists()
+
+
+def test_figures_byte_identical_across_runs(runs):
+    base, _ = runs
+    one = _digests(base / "one" / "sub-01" / "figures")
+    two = _digests(base / "two" / "sub-01" / "figures")
+    assert len(one) == 5 and one == two
+    # rebuilding the reports from the outputs gives the same bytes again
+    assert main([str(EXAMPLE), str(base / "two"), "participant", "--reports-only"]) == 0
+    assert _digests(base / "two" / "sub-01" / "figures") == one
+    svg = next((base / "one" / "sub-01" / "figures").glob("*chimap*.svg")).read_text()
+    assert "<dc:date>" not in svg and "clip-path" in svg  # no date; ids from the fixed salt
+
+
+def test_boilerplate_lists_exactly_the_methods_used(runs, tmp_path):
+    base, _ = runs
+    texts = {}
+    for name, extra in (("default", []), ("other", OTHER_ARGS)):
+        out = tmp_path / name
+        code = main([str(EXAMPLE), str(out), "participant", "--boilerplate-only",
+                     "--skip-bids-validation", "-w", str(tmp_path / f"work-{name}"), *extra])
+        assert code == 0
+        assert not (out / "sub-01").exists() and not list(out.glob("logs/config-*.toml"))
+        md = (out / "logs" / "CITATION.md").read_text()
+        bib = (out / "logs" / "CITATION.bib").read_text()
+        keys = set(boilerplate.cited_keys(md))
+        software = {"nipype", "numpy", "scipy", "bids", "pybids"}
+        expected = DEFAULT if name == "default" else OTHER
+        assert keys - software == expected, (name, keys)
+        assert set(re.findall(r"@article\{(\w+),", bib)) == keys  # bib: exactly the cited
+        texts[name] = md
+    assert "TE = 4, 12, 20, 28 ms" in texts["default"]
+    assert "projection onto dipole fields" in texts["other"]
+    assert "iterative spherical mean value" not in texts["other"]
+    assert "were not referenced" in texts["other"] and "ARLO" in texts["other"]
+    # the real run wrote the same boilerplate as --boilerplate-only
+    assert (base / "one" / "logs" / "CITATION.md").read_text() == texts["default"]
+
+
+def test_report_failure_is_counted_and_maps_are_kept(runs, tmp_path, monkeypatch, caplog):
+    base, _ = runs
+    out = tmp_path / "out"
+    shutil.copytree(base / "one", out)
+    original = figures.mosaic
+
+    def broken(layer, **kwargs):
+        if kwargs.get("title", "").startswith("susceptibility"):
+            raise RuntimeError("simulated drawing failure")
+        return original(layer, **kwargs)
+
+    monkeypatch.setattr(figures, "mosaic", broken)
+    code = main([str(EXAMPLE), str(out), "participant", "--reports-only"])
+    assert code == EXIT_REPORT_FAILED
+    page = (out / "sub-01.html").read_text()
+    assert "simulated drawing failure" in page and "Figure chimap could not be drawn" in page
+    assert "sub-01_desc-r2star_mosaic.svg" in page  # the other figures are still there
+    assert (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").exists()
+    assert "simulated drawing failure" in caplog.text
+
+
+def test_crash_appears_in_the_errors_section(runs, tmp_path):
+    base, _ = runs
+    out = tmp_path / "out"
+    shutil.copytree(base / "one", out)
+    crash = out / "logs" / "crash" / "crash-20260101-000000-qsm-invert_dipole-x.txt"
+    crash.parent.mkdir(parents=True, exist_ok=True)
+    crash.write_text("Node: qsmprep_wf.sub_01_MEGRE_wf.qsm_wf.invert_dipole\n"
+                     "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                     "ValueError: local field is empty\n")
+    other = crash.with_name("crash-20260101-000000-other.txt")
+    other.write_text("Node: qsmprep_wf.sub_011_MEGRE_wf.qsm_wf.invert_dipole\nValueError: no\n")
+    assert main([str(EXAMPLE), str(out), "participant", "--reports-only"]) == 0
+    page = (out / "sub-01.html").read_text()
+    assert "qsm_wf.invert_dipole</b>: ValueError: local field is empty" in page
+    assert "sub_011" not in page and 'id="no-errors"' not in page
+
+
+def test_mosaic_geometry_and_outline():
+    """Slices spread over the mask; outlines are exactly the mask's boundary pixels."""
+    mask = np.zeros((20, 20, 20), bool)
+    mask[5:15, 4:16, 6:14] = True
+    assert figures.slice_positions(mask, 2, 5) == [7, 8, 10, 11, 12]
+    labels = np.zeros((6, 6), np.int32)
+    labels[1:5, 1:5] = 2
+    edge = figures._outline_2d(labels)
+    assert edge[2:4, 2:4].sum() == 0 and (edge[1, 1:5] == 2).all() and edge[0].sum() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# the browser
+# ---------------------------------------------------------------------------------------
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                   if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("no headless browser (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,1000",
+                     "--allow-file-access-from-files"):
+        options.add_argument(argument)
+    try:
+        return webdriver.Chrome(service=Service(driver), options=options)
+    except Exception as error:  # a browser that cannot start here is an environment issue
+        pytest.skip(f"the headless browser did not start: {error}")
+
+
+IMAGE_CHECK = """
+const images = Array.from(document.images);
+return images.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);
+"""
+
+
+def _check_page(browser, path: Path, screenshot: str) -> list:
+    browser.get(path.as_uri())
+    browser.execute_script("return document.readyState")
+    images = browser.execute_script(IMAGE_CHECK)
+    assert images, f"{path} shows no image"
+    broken = [src for src, complete, width, height in images
+              if not complete or width == 0 or height == 0]
+    assert not broken, f"images that do not load: {broken}"
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1280, min(int(height) + 40, 12000))
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / screenshot))
+    return images
+
+
+def _group_outputs(out: Path) -> None:
+    """A group folder as the group level writes it: tables with data dictionaries and
+    figures (SVG + PNG) from qsmprep's group plotting functions."""
+    from qsmprep.reports import group as plots
+
+    group = out / "group"
+    group.mkdir(parents=True)
+    (group / "association.tsv").write_text(
+        "map\troi\tmeasure\tn\tr\tr_ci_low\tr_ci_high\tslope\n"
+        "Chimap\tL1\tBMD\t8\t-0.83\t-0.97\t-0.31\t-0.0042\n"
+        "Chimap\tL2\tBMD\t8\t-0.79\t-0.96\t-0.19\t-0.0039\n")
+    (group / "association.json").write_text('{"r": {"Description": "Pearson r"}}')
+    rng = np.random.default_rng(0)
+    x = rng.uniform(50, 200, 12)
+    y = -0.004 * x + rng.normal(0, 0.05, 12)
+    plots.scatter(x, y, ["L1", "L2", "L3"] * 4, xlabel="BMD (mg/cm3)", ylabel="χ (ppm)",
+                  title="Chimap vs BMD", path_stem=group / "figures" / "scatter_Chimap_vs_BMD")
+    plots.bland_altman(y, y + rng.normal(0, 0.02, 12), unit="ppm", title="raters",
+                       path_stem=group / "figures" / "blandaltman_Chimap_interrater")
+
+
+def test_pages_in_a_headless_browser(runs, tmp_path):
+    base, _ = runs
+    out = base / "one"
+    browser = _browser()
+    try:
+        images = _check_page(browser, out / "sub-01.html", "report_sub-01.png")
+        assert len(images) == 5
+        summary = browser.find_element("id", "summary-sub-01").text
+        assert "4: TE = 4, 12, 20, 28 ms" in summary
+        for method in ("nlfit", "region_growing", "ismv", "tv", "nlls"):
+            assert method in summary, method
+        methods = browser.find_element("id", "methods").text
+        assert "iterative spherical mean value" in methods and "Wen et al." in methods
+
+        group_out = tmp_path / "study"
+        shutil.copytree(out, group_out)
+        _group_outputs(group_out)
+        code = main([str(EXAMPLE), str(group_out), "group", "--reports-only"])
+        assert code == 0
+        images = _check_page(browser, group_out / "group" / "index.html", "report_group.png")
+        assert len(images) == 2
+        table = browser.find_element("id", "table-association").text
+        assert "-0.83" in table and "L2" in table
+        links = [a.get_attribute("href") for a in browser.find_elements("tag name", "a")]
+        assert any(h.endswith("scatter_Chimap_vs_BMD.png") for h in links)
+        assert any(h.endswith("sub-01.html") for h in links)
+    finally:
+        browser.quit()
