@@ -33,7 +33,12 @@ def save(
     cwd: str | os.PathLike,
     dtype=np.float32,
 ) -> str:
-    """Write ``data`` on the grid of ``reference`` into ``cwd/name``; returns the path."""
+    """Write ``data`` on the grid of ``reference`` into ``cwd/name``; returns the path.
+
+    Intermediate files in the work directory are uncompressed (``name`` without ``.gz``):
+    gzip level 1 of a 256x256x176x6 float32 stack took ~10 s per file, and uncompressed
+    images are memory-mapped when read; ``DerivativesDataSink`` compresses final outputs.
+    """
     header = reference.header.copy()
     array = np.asarray(data).astype(dtype)
     header.set_data_dtype(array.dtype)
@@ -44,7 +49,7 @@ def save(
     image.set_sform(reference.affine, int(sform_code) or 1)
     image.set_qform(reference.affine, int(qform_code) or 1)
     image.header.set_xyzt_units("mm", "sec")
-    path = Path(cwd) / name
+    path = Path(cwd) / name.removesuffix(".gz")
     image.to_filename(str(path))
     return str(path)
 

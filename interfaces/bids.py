@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -82,13 +83,25 @@ class DerivativesDataSink(SimpleInterface):
         return runtime
 
 
+def _gzip(source: str, destination: str) -> None:
+    """gzip ``source`` into ``destination`` with reproducible bytes (no name, mtime 0) at
+    level 1, as nibabel writes ``.nii.gz``."""
+    with open(source, "rb") as raw, open(destination, "wb") as out:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=1,
+                           mtime=0) as packed:
+            shutil.copyfileobj(raw, packed, length=16 * 2**20)
+
+
 def _atomic_copy(source: str, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
                                    suffix=".tmp")
     os.close(handle)
     try:
-        shutil.copyfile(source, tmp)
+        if destination.name.endswith(".gz") and not str(source).endswith(".gz"):
+            _gzip(source, tmp)
+        else:
+            shutil.copyfile(source, tmp)
         with open(tmp, "rb") as stream:  # on disk before the rename makes it visible
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o644)
