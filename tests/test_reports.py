@@ -222,6 +222,24 @@ def _group_outputs(out: Path) -> None:
                        path_stem=group / "figures" / "blandaltman_Chimap_interrater")
 
 
+def test_group_page_renders_what_exists(tmp_path):
+    """Every table and figure of group/ is on the page; a broken table is an error (exit 3),
+    the rest still renders."""
+    out = tmp_path / "out"
+    _group_outputs(out)
+    (out / "group" / "broken.tsv").write_bytes(b"a\tb\n\xff\xfe\x00\n")
+    code = main([str(EXAMPLE), str(out), "group", "--reports-only"])
+    assert code == EXIT_REPORT_FAILED
+    page = (out / "group" / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(sources) == ["figures/blandaltman_Chimap_interrater.svg",
+                               "figures/scatter_Chimap_vs_BMD.svg"]
+    assert all((out / "group" / s).stat().st_size > 0 for s in sources)
+    assert 'id="table-association"' in page and "-0.83" in page
+    assert "broken.tsv could not be read" in page
+    assert page.index("association") < page.index("broken")  # known tables first
+
+
 def test_pages_in_a_headless_browser(runs, tmp_path):
     base, _ = runs
     out = base / "one"

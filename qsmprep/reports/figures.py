@@ -114,7 +114,8 @@ def slice_positions(extent_mask: np.ndarray, axis: int, count: int) -> list[int]
         present = np.arange(extent_mask.shape[axis])
     first, last = int(present[0]), int(present[-1])
     span = last - first
-    positions = np.round(first + span * np.linspace(0.1, 0.9, count)).astype(int)
+    fractions = np.linspace(0.1, 0.9, count) if count > 1 else np.asarray([0.5])
+    positions = np.round(first + span * fractions).astype(int)
     return sorted(set(int(p) for p in positions))
 
 
@@ -256,20 +257,25 @@ def thumbnails(
     title: str = "",
     width_in: float = 9.0,
 ):
-    """One axial slice (the mask's centre) of each layer side by side, titled by name."""
+    """The central slice of the mask in each layer, side by side, titled by name: axial, or
+    sagittal where the mask is elongated along z (spine, limbs)."""
     matplotlib, plt = _matplotlib()
     box = _bounding_box(extent_mask)
     extent = extent_mask[box]
-    (index,) = slice_positions(extent, 2, 1)
-    vx, vy, _ = (float(v) for v in voxel_size)
+    vx, vy, vz = (float(v) for v in voxel_size)
+    lengths = [n * v for n, v in zip(extent.shape, (vx, vy, vz))]
+    axis = 0 if lengths[2] > 1.5 * max(lengths[0], lengths[1]) else 2
+    (index,) = slice_positions(extent, axis, 1)
+    aspect = vz / vy if axis == 0 else vy / vx
     tiles = []
     for name, layer in layers:
         rgb = _rgb(layer, None)[box]
-        tiles.append((name, np.stack([_plane(rgb[..., c], 2, index) for c in range(3)], -1)))
+        tiles.append((name, np.stack([_plane(rgb[..., c], axis, index) for c in range(3)],
+                                     -1)))
     columns = min(len(tiles), 5)
     lines = -(-len(tiles) // columns)
     tile_w = width_in / columns
-    tile_h = tile_w * tiles[0][1].shape[0] * (vy / vx) / tiles[0][1].shape[1]
+    tile_h = tile_w * tiles[0][1].shape[0] * aspect / tiles[0][1].shape[1]
     height_in = lines * (tile_h + 0.25) + (0.35 if title else 0.05)
     with matplotlib.rc_context(RC):
         figure = plt.figure(figsize=(width_in, height_in), facecolor="black")
@@ -278,7 +284,7 @@ def thumbnails(
             y = height_in - (0.35 if title else 0.05) - (line + 1) * (tile_h + 0.25)
             axes = figure.add_axes([column * tile_w / width_in + 0.005, y / height_in,
                                     tile_w / width_in - 0.01, tile_h / height_in])
-            axes.imshow(np.clip(tile, 0, 1), aspect=vy / vx, interpolation="nearest")
+            axes.imshow(np.clip(tile, 0, 1), aspect=aspect, interpolation="nearest")
             axes.set_axis_off()
             axes.set_title(name, color="white", fontsize=8, pad=2)
         if title:

@@ -70,14 +70,16 @@ def _table_html(path: Path, failures: list[str]) -> str:
                 number = float(value)
                 cells.append(f'<td class="num">{esc(f"{number:.4g}")}</td>')
             except ValueError:
-                cells.append(f"<td>{esc(value)}</td>")
+                short = value if len(value) <= 60 else value[:57] + "..."
+                cells.append(f'<td title="{esc(value)}">{esc(short)}</td>')
         lines.append("<tr>" + "".join(cells) + "</tr>")
     note = (f"<p>First {MAX_ROWS} of {len(body)} rows; the full table is "
             f'<a href="{esc(path.name)}">{esc(path.name)}</a>.</p>' if len(body) > MAX_ROWS
             else f'<p>{len(body)} rows · <a href="{esc(path.name)}">{esc(path.name)}</a>'
             + (f' · <a href="{esc(sidecar.name)}">data dictionary</a>' if sidecar.exists()
                else "") + "</p>")
-    return (f'<div class="tablewrap" style="overflow-x: auto"><table id="table-{esc(path.stem)}">'
+    return (f'<div class="tablewrap" style="overflow-x: auto; white-space: nowrap">'
+            f'<table id="table-{esc(path.stem)}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>"
             + note)
 
@@ -119,9 +121,10 @@ def build_group_report(output_dir: Path) -> GroupReport:
     table_html = []
     for path in tables:
         caption = TABLES.get(path.stem, "")
-        table_html.append(f"<h3>{esc(path.stem)}</h3>"
-                          + (f"<p>{esc(caption)}</p>" if caption else "")
-                          + _table_html(path, failures))
+        opened = " open" if path.stem != "rois_stats" else ""  # the input table: folded
+        table_html.append(f"<details{opened}><summary><b>{esc(path.stem)}</b>"
+                          + (f" — {esc(caption)}" if caption else "") + "</summary>"
+                          + _table_html(path, failures) + "</details>")
     if table_html:
         sections.append(("tables", "Statistics tables", "\n".join(table_html)))
     figure_html = []

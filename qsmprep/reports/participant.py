@@ -232,11 +232,21 @@ def build_participant_report(output_dir: Path, participant: str) -> ReportResult
                      '<div class="methods">' + boilerplate.to_html(paragraphs) + "</div>"))
     sections.append(("errors", "Errors", _errors_html(output_dir, participant, since,
                                                       builder.failures)))
+    _remove_stale(builder)
     subtitle = (f"qsmprep {__version__} · run {record.run_id}" if record
                 else f"qsmprep {__version__} · no run configuration found in logs/")
     path = output_dir / f"sub-{participant}.html"
     atomic_write_text(path, page(f"qsmprep: sub-{participant}", subtitle, sections))
     return ReportResult(path, list(builder.written), list(builder.failures))
+
+
+def _remove_stale(builder: _Builder) -> None:
+    """Delete figures of an earlier build that this build did not write (a renamed or
+    no longer applicable figure must not linger next to the page)."""
+    written = {p.name for p in builder.written}
+    for path in builder.figures_dir.glob("*_desc-*_*.svg"):
+        if path.name not in written:
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,9 +600,9 @@ def _figures(builder: _Builder, acquisition: AcquisitionOutputs,
                 layers.append(("main map", figures.Layer(chi.data, -chi_half, chi_half,
                                                          "gray", "", valid)))
                 return figures.thumbnails(layers, extent_mask=brain, voxel_size=zooms,
-                                          title="λ sweep (central axial slice)")
+                                          title="λ sweep (central slice)")
             add("lambdasweep", make_sweep,
-                f"The λ sweep (<code>--lambda-sweep</code>): the central axial slice of the "
+                f"The λ sweep (<code>--lambda-sweep</code>): the central slice of the "
                 f"susceptibility map for each λ, window ±{chi_half:g} ppm. Small λ: noise "
                 "and streaks; large λ: blurred, flattened contrast.")
         _roi_figures(builder, section, acquisition, chi, valid, brain, zooms, chi_half, add)
@@ -615,7 +625,7 @@ def _roi_figures(builder, section, acquisition, chi, valid, brain, zooms, chi_ha
     if not sources and not stats_path.exists():
         return
     section.html.append("<h3>Regions of interest</h3>")
-    for index, (rater, items) in enumerate(sorted(sources.items())):
+    for rater, items in sorted(sources.items()):
         try:
             labels, names = _roi_labels(items, chi)
         except Exception as error:
@@ -629,7 +639,7 @@ def _roi_figures(builder, section, acquisition, chi, valid, brain, zooms, chi_ha
             f'<span class="swatch" style="background: rgb({int(255 * colours[k - 1][0])},'
             f'{int(255 * colours[k - 1][1])},{int(255 * colours[k - 1][2])})"></span>'
             f"{esc(names.get(k, str(k)))}" for k in sorted(names) if k <= len(colours))
-        name = "rois" if len(sources) == 1 else f"rois{index + 1}"
+        name = "rois" + re.sub(r"[^A-Za-z0-9]", "", rater)
         add(name, lambda labels=labels: figures.mosaic(
             figures.Layer(chi.data, -chi_half, chi_half, "gray", "χ (ppm)", valid),
             extent_mask=brain, voxel_size=zooms,
@@ -657,16 +667,28 @@ def _roi_sources(output_dir: Path, acquisition: AcquisitionOutputs) -> dict[str,
     from qsmprep.bids import filename_entities
 
     wanted = filename_entities(f"{acquisition.prefix}_x.nii.gz")
+    sources = [source for root in roots if root.exists()
+               for source in study_io.scan_roi_files(root)]
     by_rater: dict[str, list] = {}
-    for root in roots:
-        if not root.exists():
-            continue
-        for source in study_io.scan_roi_files(root):
-            entities = {k: v for k, v in source.entities.items()
-                        if k in wanted or k in ("subject", "session", "run", "acquisition")}
-            if all(entities.get(k) == v for k, v in wanted.items()) and all(
-                    k in wanted for k in entities):
-                by_rater.setdefault(source.rater, []).append(source)
+    stats = acquisition.anat / f"{acquisition.prefix}_desc-rois_stats.tsv"
+    if stats.exists():  # the ROIs the statistics used, transferred ones included
+        import csv
+
+        by_name = {Path(s.path).name: s for s in sources}
+        with stats.open(newline="") as stream:
+            used = sorted({(row.get("rater", ""), row.get("roi_source", ""))
+                           for row in csv.DictReader(stream, delimiter="\t")})
+        for rater, name in used:
+            if name in by_name and by_name[name] not in by_rater.get(rater, []):
+                by_rater.setdefault(rater, []).append(by_name[name])
+        if by_rater:
+            return by_rater
+    for source in sources:  # no table: the ROIs drawn on this acquisition
+        entities = {k: v for k, v in source.entities.items()
+                    if k in wanted or k in ("subject", "session", "run", "acquisition")}
+        if all(entities.get(k) == v for k, v in wanted.items()) and all(
+                k in wanted for k in entities):
+            by_rater.setdefault(source.rater, []).append(source)
     return by_rater
 
 
@@ -697,8 +719,10 @@ def _roi_table(path: Path, limit: int = 60) -> str:
 
     with path.open(newline="") as stream:
         rows = list(csv.DictReader(stream, delimiter="\t"))
-    chi_rows = [r for r in rows if r.get("map") == "Chimap" and not r.get("map_desc")] or rows
-    columns = [c for c in ("rater", "roi", "n_voxels", "mean", "std", "median", "units")
+    chi_rows = [r for r in rows if r.get("map") == "Chimap"
+                and r.get("map_desc") in ("", "n/a", None)] or rows
+    columns = [c for c in ("rater", "roi", "roi_mapping", "n_voxels", "mean", "sd", "median",
+                           "units")
                if chi_rows and c in chi_rows[0]]
     if not columns:
         columns = list(chi_rows[0])[:8] if chi_rows else []
@@ -707,7 +731,7 @@ def _roi_table(path: Path, limit: int = 60) -> str:
             f"<code>{esc(path.name)}</code>.</p>" if len(chi_rows) > limit else "")
     body = table(columns, ([_fmt(r.get(c, "")) for c in columns] for r in shown),
                  numeric=tuple(i for i, c in enumerate(columns)
-                               if c in ("n_voxels", "mean", "std", "median")))
+                               if c in ("n_voxels", "mean", "sd", "median")))
     return (f"<p>ROI statistics of the susceptibility map "
             f"(<code>{esc(path.name)}</code>):</p>" + body + note)
 
