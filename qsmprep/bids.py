@@ -123,12 +123,38 @@ def load_layout(bids_dir: Path, *, database_dir: Path | None = None, reset: bool
     if database_dir is not None:
         Path(database_dir).mkdir(parents=True, exist_ok=True)
         kwargs = {"database_path": str(database_dir), "reset_database": reset}
-    return BIDSLayout(
-        str(bids_dir),
-        validate=False,
-        indexer=BIDSLayoutIndexer(validate=False, ignore=ignore),
-        **kwargs,
-    )
+    try:
+        return BIDSLayout(
+            str(bids_dir),
+            validate=False,
+            indexer=BIDSLayoutIndexer(validate=False, ignore=ignore),
+            **kwargs,
+        )
+    except Exception as error:  # pybids raises OSError/ValueError/... for broken datasets
+        broken = _broken_json(Path(bids_dir))
+        cause = "; ".join(broken[:5]) if broken else (
+            f"{error}" + (f" ({error.__cause__})" if error.__cause__ else ""))
+        raise BIDSInputError(
+            f"cannot index the BIDS dataset {bids_dir}: {cause}. Fix the file(s): sidecars "
+            "must be JSON objects (the BIDS validator lists every problem).", 16) from error
+
+
+def _broken_json(root: Path) -> list[str]:
+    """JSON files of a dataset (outside derivatives/sourcedata/code) that are not objects."""
+    broken = []
+    skip = {"derivatives", "sourcedata", "code", "stimuli", "models"}
+    for path in sorted(root.rglob("*.json")):
+        parts = path.relative_to(root).parts
+        if parts[0] in skip or any(part.startswith(".") for part in parts):
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            broken.append(f"{path} is not valid JSON ({error})")
+            continue
+        if not isinstance(content, dict):
+            broken.append(f"{path} holds a JSON {type(content).__name__}, not an object")
+    return broken
 
 
 def read_filters(path: Path) -> dict[str, Any]:
@@ -280,7 +306,7 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
     times = [e.echo_time for e in echoes]
     first = next((f for e in echoes for f in (e.magnitude, e.phase, e.real, e.imag) if f),
                  members[0].path)
-    if any(t > 1.0 for t in times):
+    if any(t >= 1.0 for t in times):  # a gradient echo at 1 s or later: milliseconds
         problems.append(
             f"{first} (and the other echoes): EchoTime values {times} look like milliseconds; "
             "BIDS requires seconds: divide them by 1000 in the sidecars."

@@ -384,3 +384,12 @@ def test_invalid_config_file_names_the_key(small, tmp_path, capsys, content, nam
     assert stop.value.code == 64
     assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("content", "problem"), [("{bad json", "is not valid JSON"),
+                                                   ("[1, 2]", "holds a JSON list")])
+def test_broken_sidecar_exits_16(small, tmp_path, caplog, content, problem):
+    sidecar = _file(small, "01", 2, "phase", "json")
+    sidecar.write_text(content)
+    assert _run(small, tmp_path / "out") == 16  # not valid BIDS (found without the validator)
+    assert f"{sidecar} {problem}" in caplog.text and "must be JSON objects" in caplog.text
