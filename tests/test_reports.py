@@ -145,6 +145,25 @@ def test_crash_appears_in_the_errors_section(runs, tmp_path):
     assert "sub_011" not in page and 'id="no-errors"' not in page
 
 
+def test_warnings_of_the_participant_are_shown(runs, tmp_path):
+    base, _ = runs
+    out = tmp_path / "out"
+    shutil.copytree(base / "one", out)
+    (log,) = (out / "logs").glob("qsmprep-*.log")
+    assert "processing 1 acquisition(s)" in log.read_text()  # the run's own log file
+    with log.open("a") as stream:
+        stream.write("261121-04:03:26 | WARNING | qsmprep | sub-01_MEGRE: phase units "
+                     "missing, inferred rad\n  (second line)\n"
+                     "261121-04:03:26 | WARNING | qsmprep | sub-011_MEGRE: not this one\n"
+                     "261121-04:03:26 | WARNING | qsmprep | validator not installed\n"
+                     "261121-04:03:26 | INFO    | qsmprep | sub-01: only info\n")
+    assert main([str(EXAMPLE), str(out), "participant", "--reports-only"]) == 0
+    page = (out / "sub-01.html").read_text()
+    assert "WARNING: sub-01_MEGRE: phase units missing, inferred rad\n  (second line)" in page
+    assert "validator not installed" in page
+    assert "not this one" not in page and "only info" not in page
+
+
 def test_mosaic_geometry_and_outline():
     """Slices spread over the mask; outlines are exactly the mask's boundary pixels."""
     mask = np.zeros((20, 20, 20), bool)
