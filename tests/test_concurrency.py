@@ -80,7 +80,7 @@ def _complete_outputs(out: Path) -> int:
 def test_killed_run_leaves_no_complete_looking_partial_file(dataset, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     task = subprocess.Popen(_command(dataset, out, "-w", str(work), "--participant-label",
-                                     *LABELS[:2]),
+                                     LABELS[0]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
@@ -93,11 +93,10 @@ def test_killed_run_leaves_no_complete_looking_partial_file(dataset, tmp_path):
     _complete_outputs(out)
     # the rerun resumes from the work dir and completes every output
     code = subprocess.run(_command(dataset, out, "-w", str(work), "--participant-label",
-                                   *LABELS[:2]), capture_output=True, timeout=600).returncode
+                                   LABELS[0]), capture_output=True, timeout=600).returncode
     assert code == 0
-    assert _complete_outputs(out) >= 2 * 10
-    for label in LABELS[:2]:
-        assert (out / f"sub-{label}/anat/sub-{label}_Chimap.nii.gz").exists()
+    assert _complete_outputs(out) >= 10
+    assert (out / f"sub-{LABELS[0]}/anat/sub-{LABELS[0]}_Chimap.nii.gz").exists()
 
 
 def test_sink_copy_interrupted_leaves_nothing(tmp_path, monkeypatch):
