@@ -164,6 +164,72 @@ def test_warnings_of_the_participant_are_shown(runs, tmp_path):
     assert "not this one" not in page and "only info" not in page
 
 
+def _synthetic_body_outputs(out: Path) -> None:
+    """Outputs of a water-fat run with --lambda auto (L-curve) and a λ sweep, 24^3 voxels."""
+    import json
+
+    import nibabel as nb
+
+    anat, fmap = out / "sub-07" / "anat", out / "sub-07" / "fmap"
+    anat.mkdir(parents=True)
+    fmap.mkdir(parents=True)
+    grid = np.indices((24, 24, 24)) - 11.5
+    inside = (np.sqrt((grid ** 2).sum(0)) < 10).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    meta = {"EchoTime": [0.0012, 0.0023, 0.0034], "MagneticFieldStrength": 3.0,
+            "FieldMapping": "waterfat", "FatModel": "ren_marrow",
+            "SwapCheckMessage": "water/fat swap check: suspect (1.20% of voxels off ...)"}
+    lcurve = {"RegularizationSelection": "lcurve", "RegularizationCandidates": [1e-5, 1e-4, 1e-3],
+              "RegularizationResidualNorms": [1.0, 2.0, 4.0],
+              "RegularizationNorms": [30.0, 10.0, 5.0], "RegularizationCurvature": [0, 1, 0],
+              "DipoleInversion": "tv", "DipoleInversionParameters": {"lam": 1e-4}}
+
+    def write(folder, name, data, sidecar):
+        nb.save(nb.Nifti1Image(np.asarray(data, np.float32), affine),
+                str(folder / f"{name}.nii.gz"))
+        (folder / f"{name}.json").write_text(json.dumps(sidecar))
+
+    write(anat, "sub-07_desc-body_mask", inside, {"Description": "body mask"})
+    write(anat, "sub-07_desc-qsm_mask", inside, {})
+    write(anat, "sub-07_Chimap", 0.5 * inside * grid[0] / 10, {**meta, **lcurve})
+    for value in (1e-5, 1e-3):
+        label = f"lambda{value:.0e}".replace("-", "m").replace("+", "p").replace(".", "p")
+        write(anat, f"sub-07_desc-{label}_Chimap", inside, {"RegularizationParameter": value})
+    write(anat, "sub-07_localfield", inside, meta)
+    write(anat, "sub-07_R2starmap", 80 * inside, meta)
+    write(anat, "sub-07_desc-water_M0map", 100 * inside, meta)
+    write(anat, "sub-07_desc-fat_M0map", 50 * inside, meta)
+    write(anat, "sub-07_PDFFmap", 33 * inside, meta)
+    write(fmap, "sub-07_desc-total_fieldmap", 10 * inside, meta)
+    write(fmap, "sub-07_desc-total_magnitude", 100 * inside, {})
+    (out / "logs").mkdir()
+    (out / "logs" / "config-20260101-000000_abcdef12.toml").write_text(
+        "# command: qsmprep in out participant --preset body\n"
+        '[execution]\nanalysis_level = "participant"\nparticipant_label = []\n'
+        '[workflow]\nmask_type = "body"\nfieldmap_method = "waterfat"\n')
+
+
+def test_body_page_water_fat_swap_verdict_lcurve_and_sweep(tmp_path):
+    from qsmprep.reports import build_participant_report
+
+    out = tmp_path / "out"
+    _synthetic_body_outputs(out)
+    result = build_participant_report(out, "07")
+    assert result.failures == []
+    names = sorted(p.name.split("_desc-")[1] for p in result.figures)
+    assert names == ["chimap_mosaic.svg", "fat_mosaic.svg", "lambdasweep_mosaic.svg",
+                     "lcurve_plot.svg", "localfield_mosaic.svg", "mask_mosaic.svg",
+                     "pdff_mosaic.svg", "r2star_mosaic.svg", "totalfield_mosaic.svg",
+                     "water_mosaic.svg"]
+    page = result.html.read_text()
+    assert 'class="verdict-suspect">suspect</span>' in page
+    assert "fixed window ±1 ppm (body data)" in page and "0–300 1/s" in page
+    assert "±0.5 ppm (±63.9 Hz)" in page  # local field window: 0.5 ppm at 3 T
+    assert "λ chosen by lcurve" in page
+    svg = (out / "sub-07" / "figures" / "sub-07_desc-lcurve_plot.svg").read_text()
+    assert "chosen λ = 0.0001" in svg
+
+
 def test_mosaic_geometry_and_outline():
     """Slices spread over the mask; outlines are exactly the mask's boundary pixels."""
     mask = np.zeros((20, 20, 20), bool)
