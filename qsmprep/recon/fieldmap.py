@@ -147,9 +147,14 @@ def _check_data(
     if mask.shape != phase.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} does not match the data {phase.shape[:3]}.")
     times = _check_echo_times(echo_times, phase.shape[3])
-    mask = mask.astype(bool) & finite_mask(magnitude, phase)
-    magnitude = np.abs(np.nan_to_num(magnitude.astype(np.float32, copy=False)))
-    phase = np.nan_to_num(phase.astype(np.float32, copy=False))
+    finite = finite_mask(magnitude, phase)
+    mask = mask.astype(bool) & finite
+    magnitude = magnitude.astype(np.float32, copy=False)
+    phase = phase.astype(np.float32, copy=False)
+    if not finite.all():  # full-size 4D passes cost seconds: only when needed
+        magnitude, phase = np.nan_to_num(magnitude), np.nan_to_num(phase)
+    if magnitude.min() < 0:
+        magnitude = np.abs(magnitude)
     return magnitude, phase, times, mask
 
 
@@ -572,10 +577,17 @@ def inconsistent_voxels(
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
-    nearest = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
-    extended = field_hz[tuple(nearest)]
+    # work on the mask's bounding box + 1 voxel (the 3x3x3 median reaches no farther)
+    extent = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    box = tuple(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2) for idx in extent)
+    inside = mask[box]
+    nearest = ndimage.distance_transform_edt(~inside, return_distances=False,
+                                             return_indices=True)
+    extended = np.asarray(field_hz)[box][tuple(nearest)]
     residual = np.abs(extended - ndimage.median_filter(extended, size=3))
-    return ndimage.binary_dilation(residual > threshold_hz, mask=mask) & mask
+    flags = np.zeros_like(mask)
+    flags[box] = ndimage.binary_dilation(residual > threshold_hz, mask=inside) & inside
+    return flags
 
 
 def estimate(

@@ -31,6 +31,8 @@ def wrap(phase: np.ndarray | float) -> np.ndarray | float:
         array = array.astype(np.float64)
     two_pi = array.dtype.type(_TWO_PI)
     pi = array.dtype.type(np.pi)
+    if array.ndim and array.size and array.min() > -pi and array.max() <= pi:
+        return array.copy()  # already wrapped: two reductions instead of five full passes
     wrapped = array - two_pi * np.ceil((array - pi) / two_pi)
     # float rounding may leave values a hair outside the interval: fold them back.
     wrapped = np.where(wrapped <= -pi, wrapped + two_pi, wrapped)
