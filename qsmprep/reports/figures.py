@@ -20,8 +20,6 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-
 LOGGER = logging.getLogger("qsmprep")
 
 #: Settings that make matplotlib's output independent of the machine and the time.
@@ -61,18 +59,19 @@ class Outline:
 
 
 def _matplotlib():
+    """matplotlib and its ``Figure`` class: figures are made without pyplot, so no backend
+    is selected, no global figure list grows, and an interactive session is left alone."""
     import matplotlib
+    import matplotlib.cm  # noqa: F401  (ScalarMappable for colour bars)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return matplotlib, plt
+    return matplotlib, Figure
 
 
 def save_figure(figure, path: Path, *, formats: Sequence[str] = ("svg",)) -> list[Path]:
     """Write ``figure`` as deterministic SVG (and/or PNG) next to ``path`` (suffix replaced);
     atomic (temporary file + rename). Returns the written paths."""
-    matplotlib, plt = _matplotlib()
+    matplotlib, Figure = _matplotlib()
     written = []
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,16 +90,7 @@ def save_figure(figure, path: Path, *, formats: Sequence[str] = ("svg",)) -> lis
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, target)
         written.append(target)
-    plt.close(figure)
     return written
-
-
-def new_figure(width_in: float, height_in: float):
-    """A figure under the deterministic settings (white background)."""
-    matplotlib, plt = _matplotlib()
-    with matplotlib.rc_context(RC):
-        figure = plt.figure(figsize=(width_in, height_in), facecolor="white")
-    return figure
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +175,7 @@ def mosaic(
     ``extent_mask`` chooses and crops the slices; ``outlines`` are drawn on top; a colour
     bar with ``layer.label`` is added when the label is set.
     """
-    matplotlib, plt = _matplotlib()
+    matplotlib, Figure = _matplotlib()
     box = _bounding_box(extent_mask)
     rgb = _rgb(layer, None)[box]
     extent = extent_mask[box]
@@ -222,7 +212,7 @@ def mosaic(
     top = 0.32 if title else 0.08
     height_in = sum(heights) + 0.06 * len(rows) + top + 0.08
     with matplotlib.rc_context(RC):
-        figure = plt.figure(figsize=(width_in, height_in), facecolor="black")
+        figure = Figure(figsize=(width_in, height_in), facecolor="black")
         y = height_in - top
         for (row, aspect, name), height in zip(rows, heights):
             y -= height
@@ -259,7 +249,7 @@ def thumbnails(
 ):
     """The central slice of the mask in each layer, side by side, titled by name: axial, or
     sagittal where the mask is elongated along z (spine, limbs)."""
-    matplotlib, plt = _matplotlib()
+    matplotlib, Figure = _matplotlib()
     box = _bounding_box(extent_mask)
     extent = extent_mask[box]
     vx, vy, vz = (float(v) for v in voxel_size)
@@ -278,7 +268,7 @@ def thumbnails(
     tile_h = tile_w * tiles[0][1].shape[0] * aspect / tiles[0][1].shape[1]
     height_in = lines * (tile_h + 0.25) + (0.35 if title else 0.05)
     with matplotlib.rc_context(RC):
-        figure = plt.figure(figsize=(width_in, height_in), facecolor="black")
+        figure = Figure(figsize=(width_in, height_in), facecolor="black")
         for n, (name, tile) in enumerate(tiles):
             line, column = divmod(n, columns)
             y = height_in - (0.35 if title else 0.05) - (line + 1) * (tile_h + 0.25)
@@ -308,12 +298,13 @@ def lcurve(
 ):
     """The L-curve (log-log residual vs regulariser norm, λ annotated, chosen λ marked) and,
     for the discrepancy principle, the residual against λ with the target level."""
-    matplotlib, plt = _matplotlib()
+    matplotlib, Figure = _matplotlib()
     lambdas = np.asarray(lambdas, float)
     residual = np.asarray(residual_norms, float)
     regulariser = np.asarray(regulariser_norms, float)
     with matplotlib.rc_context(RC):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+        figure = Figure(figsize=(9.0, 3.4))
+        left, right = figure.subplots(1, 2)
         left.loglog(residual, regulariser, "o-", color="#3465a4", markersize=4)
         for lam, x, y in zip(lambdas, residual, regulariser):
             left.annotate(f"{lam:.2g}", (x, y), textcoords="offset points", xytext=(4, 3),
