@@ -29,7 +29,8 @@ GAMMA_BAR_MHZ_PER_T = 42.57747892
 #: Fixed display windows so that participants compare (brain / body-bone data).
 CHI_WINDOW_PPM = {"brain": 0.15, "body": 1.0}
 LOCAL_FIELD_WINDOW_PPM = {"brain": 0.05, "body": 0.5}
-R2STAR_WINDOW_PER_S = {"brain": 100.0, "body": 300.0}
+#: R2* window top per tesla (R2* grows about linearly with B0): 60 1/s for brain at 3 T
+R2STAR_WINDOW_PER_S_PER_T = {"brain": 20.0, "body": 100.0}
 
 MASK_DESCS = ("brain", "body")
 
@@ -536,13 +537,14 @@ def _figures(builder: _Builder, acquisition: AcquisitionOutputs,
 
     r2star = _load(acquisition.anat_file("R2starmap"))
     if r2star is not None:
-        top = R2STAR_WINDOW_PER_S[kind]
+        top = float(round(R2STAR_WINDOW_PER_S_PER_T[kind] * (b0 or 3.0), -1))
 
         def make_r2():
             return figures.mosaic(figures.Layer(r2star.data, 0.0, top, "inferno",
                                                 "R2* (1/s)", brain),
                                   extent_mask=brain, voxel_size=zooms, title="R2*")
-        add("r2star", make_r2, f"R2* (1/s), fixed window 0–{top:g} 1/s.")
+        add("r2star", make_r2, f"R2* (1/s), fixed window 0–{top:g} 1/s "
+            f"({R2STAR_WINDOW_PER_S_PER_T[kind]:g} 1/s per tesla, {kind} data).")
 
     water = _load(acquisition.anat_file("M0map", "water"))
     fat = _load(acquisition.anat_file("M0map", "fat"))
