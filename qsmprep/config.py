@@ -60,7 +60,7 @@ class NipypeConfig:
     """Execution plugin and resources."""
 
     nprocs: int = 0  # 0: all available CPUs
-    omp_nthreads: int = 0  # 0: min(nprocs, 8)
+    omp_nthreads: int = 0  # 0: nprocs shared among the acquisitions, at most 8
     mem_gb: float | None = None
     plugin: str = "MultiProc"
     plugin_args: dict[str, Any] = field(default_factory=dict)

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--n-cpus", "--n_cpus", "--nthreads", dest="nipype.nprocs",
                    type=_positive_int, metavar="N", help="CPUs for all processes (default: all)")
     g.add_argument(*_aliases("--omp-nthreads"), dest="nipype.omp_nthreads", type=_positive_int,
-                   metavar="N", help="threads per process (FFT workers; default: min(N, 8))")
+                   metavar="N", help="threads per process (FFT workers; default: the CPUs shared "
+                   "among the acquisitions that can run at once, at most 8)")
     g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="nipype.mem_gb", type=_memory_mb,
                    metavar="SIZE", help="memory limit for scheduling (MB, or 8G)")
     g.add_argument(*_aliases("--low-mem"), dest="execution.low_mem", action="store_true",

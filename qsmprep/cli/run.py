@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -141,27 +140,19 @@ def _check_paths(config: Config) -> None:
 def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dict]:
     """Nipype plugin and its arguments (``--use-plugin`` file, else MultiProc)."""
     nipype = config.nipype
-    if plugin_file is not None:
-        text = Path(plugin_file).read_text()
-        try:
-            if plugin_file.suffix == ".toml":
-                data = tomllib.loads(text)
-            elif plugin_file.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
+    from . import plugins
 
-                data = yaml.safe_load(text)
-        except Exception as error:
-            raise RunError(f"cannot read plugin file {plugin_file}: {error}", 64) from None
-        if not isinstance(data, dict) or "plugin" not in data:
-            raise RunError(f"plugin file {plugin_file} needs a 'plugin' key (e.g. SLURM).", 64)
-        nipype.plugin = str(data["plugin"])
-        nipype.plugin_args = dict(data.get("plugin_args") or {})
+    if plugin_file is not None:
+        try:
+            nipype.plugin, nipype.plugin_args = plugins.read_plugin_file(plugin_file)
+        except plugins.PluginFileError as error:
+            raise RunError(str(error), 64) from None
+    if nipype.plugin not in plugins.SUPPORTED:  # also from --config-file
+        raise RunError(f"nipype plugin '{nipype.plugin}' is not supported; use one of "
+                       f"{', '.join(plugins.SUPPORTED)} (--use-plugin FILE).", 64)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     nipype.nprocs = nipype.nprocs or cpus or 1
-    nipype.omp_nthreads = nipype.omp_nthreads or min(nipype.nprocs, 8)
-    if nipype.omp_nthreads > nipype.nprocs:
+    if nipype.omp_nthreads > nipype.nprocs:  # 0: automatic, set once the inputs are known
         raise RunError(f"--omp-nthreads {nipype.omp_nthreads} exceeds --nprocs "
                        f"{nipype.nprocs}.", 64)
     args = dict(nipype.plugin_args)
@@ -170,8 +161,8 @@ def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dic
         if nipype.mem_gb:
             args.setdefault("memory_gb", nipype.mem_gb / 1000)
         args.setdefault("raise_insufficient", False)
-    if nipype.plugin in ("SLURM", "SGE"):
-        os.environ.setdefault("LOGNAME", os.environ.get("USER", "qsmprep"))
+    if nipype.plugin in plugins.BATCH:
+        plugins.ensure_logname()  # Nipype's SLURM plugin names jobs after LOGNAME
     return nipype.plugin, args
 
 
@@ -185,14 +176,20 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
     if not execution.skip_bids_validation:
         validate_input(execution.bids_dir)
     database_dir = execution.bids_database_dir
-    reuse = database_dir is not None and Path(database_dir, "layout_index.sqlite").exists()
-    # without --bids-database-dir the index stays in memory: concurrent array tasks that
-    # share a work dir must not reset one another's SQLite file
+    # without --bids-database-dir the index stays in memory; with it, concurrent array tasks
+    # build it once (atomic rename) and reuse it while the dataset is unchanged
     try:
-        layout = bids.load_layout(execution.bids_dir, database_dir=database_dir,
-                                  reset=not reuse)
+        if database_dir is None:
+            layout = bids.load_layout(execution.bids_dir)
+        else:
+            from qsmprep.layout_cache import load_cached_layout
+
+            layout, _ = load_cached_layout(execution.bids_dir, database_dir)
     except bids.BIDSInputError as error:
         raise RunError(str(error), error.exit_code) from None
+    except OSError as error:
+        raise RunError(f"cannot use --bids-database-dir {database_dir}: {error}; choose a "
+                       "writable folder.", 64) from None
     available = set(layout.get_subjects())
     missing = sorted(set(execution.participant_label) - available)
     if missing:
@@ -235,6 +232,10 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
     if not runnable:
         raise RunError("no acquisition can be processed (see the errors above).",
                        1 if failed else 66)
+    if not config.nipype.omp_nthreads:
+        from .plugins import default_omp_nthreads
+
+        config.nipype.omp_nthreads = default_omp_nthreads(config.nipype.nprocs, len(runnable))
     masks = (bids.find_masks(execution.mask_dir, runnable, desc=config.workflow.mask_type)
              if execution.mask_dir else {})
     reference_masks = {}
@@ -284,8 +285,11 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
     LOGGER.info("processing %d acquisition(s) with %s (%s)", len(runnable), plugin, plugin_args)
     start = time.monotonic()
     started = time.time()
+    from . import plugins
+
+    plugins.prepare_batch(workflow, plugin, plugin_args)
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
+        workflow.run(plugin=plugins.runner(plugin, plugin_args), plugin_args=plugin_args)
     except Exception as error:  # nipype raises after running every node it could
         crash_dir = output_dir / "logs" / "crash"
         for node, message in _crash_summary(crash_dir, started):
