@@ -448,7 +448,9 @@ def test_examples_match_script(tmp_path):
     _compare_trees(REPO / "bids_examples" / "brain_megre", fresh_megre)
     _compare_trees(REPO / "bids_examples" / "brain_sessions", fresh_sessions)
     total = sum(f.stat().st_size for f in (REPO / "bids_examples").rglob("*") if f.is_file())
-    assert total < 10.5e6
+    # size budget of the four bundled examples (brain 9.9 MB, body_leg 1.2 MB, vertebra
+    # study 3.1 MB): the repository stays small enough to clone quickly
+    assert total < 15e6
 
 
 @pytest.mark.skipif(shutil.which("bids-validator-deno") is None,
