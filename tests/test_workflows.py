@@ -94,3 +94,35 @@ def test_sink_names_sidecars_and_atomicity(tmp_path):
     assert sidecar == {"EchoTime": 0.02, "Sources": [
         "bids:raw:sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"], "Step": "a", "Units": "rad"}
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_node_memory_follows_the_data_and_low_mem_sets_a_budget(tmp_path):
+    from qsmprep.cli.run import LOW_MEM_BUDGET_GB, _plugin_settings
+    from qsmprep.workflows.resources import NodeMemory
+
+    config = Config()
+    config.execution.work_dir, config.execution.output_dir = tmp_path / "w", tmp_path / "o"
+    config.execution.bids_dir = tmp_path
+    acquisition = _acquisition()
+    small = init_qsmprep_wf(config, [acquisition], shapes={acquisition.name: (64, 64, 48)})
+    full = init_qsmprep_wf(config, [acquisition], shapes={acquisition.name: (256, 256, 176)})
+    prefix = f"{acquisition.name.replace('-', '_')}_wf.qsm_wf."
+    for node in ("load_echoes", "estimate_field", "remove_background", "invert_dipole"):
+        low, high = (wf.get_node(prefix + node).mem_gb for wf in (small, full))
+        assert 0.3 <= low < 0.5 < high, node  # baseline + data: 64x64x48 is light
+    # a full-size 6-echo subject: the measured peaks (benchmarks/speed.py) with margin,
+    # every node within a few GB so that an 8 GB node can run it
+    memory = NodeMemory(256 * 256 * 176, 6)
+    estimates = {n: memory.gb(n) for n in ("load_echoes", "brain_mask", "fit_r2star",
+                                           "estimate_field", "remove_background",
+                                           "invert_dipole")}
+    assert 2.5 < estimates["estimate_field"] < 4.0
+    assert max(estimates.values()) == estimates["estimate_field"]
+    config.nipype.nprocs = 2
+    _, args = _plugin_settings(config, None)
+    assert "memory_gb" not in args  # Nipype's default: 90% of the machine
+    config.execution.low_mem = True
+    _, args = _plugin_settings(config, None)
+    assert args["memory_gb"] == LOW_MEM_BUDGET_GB
+    config.nipype.mem_gb = 2000  # --mem 2G stays the tighter limit
+    assert _plugin_settings(config, None)[1]["memory_gb"] == 2.0

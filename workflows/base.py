@@ -14,12 +14,9 @@ from qsmprep.study_io import scan_label
 
 from .outputs import init_ds_qsm_wf
 from .qsm import OUTPUT_FIELDS, WATERFAT_FIELDS, init_qsm_wf
+from .resources import NodeMemory
 from .roi import connect_roi_wf
 from .sweep import connect_lambda_sweep
-
-#: Bytes per voxel and echo held at once by the heaviest step (complex fits, padded FFTs).
-BYTES_PER_VOXEL_ECHO = 48
-
 
 def init_qsmprep_wf(
     config: Config,
@@ -65,9 +62,7 @@ def init_single_acquisition_wf(
     name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
     workflow = pe.Workflow(name=name)
     voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
-    mem_gb = max(0.2, voxels * max(len(acquisition.echoes), 1) * BYTES_PER_VOXEL_ECHO / 1e9)
-    if config.execution.low_mem:
-        mem_gb /= 2
+    memory = NodeMemory(voxels, len(acquisition.echoes))
     qsm_wf = init_qsm_wf(
         echo_times=acquisition.echo_times,
         b0_tesla=acquisition.b0_tesla,
@@ -75,7 +70,7 @@ def init_single_acquisition_wf(
         phase_units=acquisition.phase_units or "auto",
         options=config.workflow,
         omp_nthreads=omp_nthreads,
-        mem_gb=mem_gb,
+        memory=memory,
     )
     qsm_wf.__desc__ = describe_qsm(  # methods boilerplate (logs/CITATION.md)
         config.workflow, echo_times=acquisition.echo_times, b0_tesla=acquisition.b0_tesla,

@@ -16,6 +16,8 @@ from qsmprep.interfaces.relaxometry import FitR2star
 from qsmprep.interfaces.swi import ComputeSWI, QSMVenography
 from qsmprep.interfaces.waterfat import WaterFatField
 
+from .resources import NodeMemory
+
 OUTPUT_FIELDS = [
     "magnitude", "mask", "r2star", "t2star", "s0", "field_hz", "field_magnitude",
     "unwrapped_phase", "local_field_hz", "eroded_mask", "chi", "field_metadata",
@@ -39,7 +41,7 @@ def init_qsm_wf(
     phase_units: str,
     options: WorkflowConfig,
     omp_nthreads: int,
-    mem_gb: float,
+    memory: NodeMemory,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
     """Build the QSM workflow of one acquisition.
@@ -57,16 +59,16 @@ def init_qsm_wf(
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
     load = pe.Node(LoadEchoes(phase_units=phase_units or "auto"), name="load_echoes",
-                   mem_gb=mem_gb)
+                   mem_gb=memory.gb("load_echoes"))
     mask = pe.Node(BrainMask(erode_mm=options.mask_erode_mm, mask_type=options.mask_type),
                    name="brain_mask",
-                   mem_gb=mem_gb)
+                   mem_gb=memory.gb("brain_mask"))
     if options.mask_threshold is not None:
         mask.inputs.threshold = options.mask_threshold
     r2star = pe.Node(
         FitR2star(echo_times=echo_times, method=options.r2star_method,
                   num_threads=omp_nthreads),
-        name="fit_r2star", n_procs=omp_nthreads, mem_gb=mem_gb,
+        name="fit_r2star", n_procs=omp_nthreads, mem_gb=memory.gb("fit_r2star"),
     )
     if len(echo_times) < 2:  # single echo: no R2* fit (QSM from phase / TE only)
         r2star = None
@@ -98,7 +100,7 @@ def init_qsm_wf(
                           method=options.fieldmap_method, fat_model=options.fat_model,
                           phase_sign=options.phase_sign, smoothness=options.waterfat_smoothness,
                           unwrap_method=options.unwrap_method, num_threads=omp_nthreads),
-            name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 3,
+            name="estimate_field", n_procs=omp_nthreads, mem_gb=memory.gb("waterfat"),
         )
         if options.water_ppm is not None:
             field.inputs.water_ppm = options.water_ppm
@@ -109,7 +111,7 @@ def init_qsm_wf(
             EstimateField(echo_times=echo_times, method=options.fieldmap_method,
                           unwrap_method=options.unwrap_method, phase_sign=options.phase_sign,
                           num_threads=omp_nthreads),
-            name="estimate_field", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
+            name="estimate_field", n_procs=omp_nthreads, mem_gb=memory.gb("estimate_field"),
         )
     # the calcaneus study's weights: MIP over TE (data), opposed-phase |W - F| (edges)
     study = options.study_weights and options.inversion_method in STUDY_WEIGHT_METHODS
@@ -120,18 +122,18 @@ def init_qsm_wf(
                          erode_mm=options.bfr_erode_mm, params=options.bfr_params,
                          vsharp_max_radius_mm=options.vsharp_max_radius_mm,
                          num_threads=omp_nthreads),
-        name="remove_background", n_procs=omp_nthreads, mem_gb=mem_gb * 2,
+        name="remove_background", n_procs=omp_nthreads, mem_gb=memory.gb("remove_background"),
     )
     invert = pe.Node(
         InvertDipole(b0_tesla=b0_tesla, echo_times=echo_times, method=options.inversion_method,
                      params=options.inversion_params, lambda_rule=options.lambda_rule or "",
                      num_threads=omp_nthreads),
-        name="invert_dipole", n_procs=omp_nthreads, mem_gb=mem_gb * 3,
+        name="invert_dipole", n_procs=omp_nthreads, mem_gb=memory.gb("invert_dipole"),
     )
     if options.inversion_lambda is not None and not options.lambda_rule:
         invert.inputs.lam = options.inversion_lambda
     reference = pe.Node(ReferenceSusceptibility(method=options.reference),
-                        name="reference_chi", mem_gb=mem_gb)
+                        name="reference_chi", mem_gb=memory.gb("reference_chi"))
     workflow.connect([
         (load, field, [("magnitude", "magnitude"), ("phase", "phase")]),
         (mask, field, [("mask", "mask")]),
@@ -165,9 +167,10 @@ def init_qsm_wf(
     if options.swi:
         swi = pe.Node(ComputeSWI(echo_times=echo_times, phase_sign=options.phase_sign,
                                  slab_mm=options.mip_slab_mm, num_threads=omp_nthreads),
-                      name="compute_swi", n_procs=omp_nthreads, mem_gb=mem_gb * 2)
+                      name="compute_swi", n_procs=omp_nthreads,
+                      mem_gb=memory.gb("compute_swi"))
         venography = pe.Node(QSMVenography(slab_mm=options.mip_slab_mm), name="venography",
-                             mem_gb=mem_gb)
+                             mem_gb=memory.gb("venography"))
         workflow.connect([
             (load, swi, [("magnitude", "magnitude"), ("phase", "phase")]),
             (mask, swi, [("mask", "mask")]),

@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="nipype.mem_gb", type=_memory_mb,
                    metavar="SIZE", help="memory limit for scheduling (MB, or 8G)")
     g.add_argument(*_aliases("--low-mem"), dest="execution.low_mem", action="store_true",
-                   help="trade speed for memory")
+                   help="trade speed for memory: nodes share a 2.5 GB budget (MultiProc), so "
+                   "memory-heavy steps run one at a time (a 256x256x176, 6-echo run stays "
+                   "within 3 GB)")
     g.add_argument(*_aliases("--use-plugin"), dest="use_plugin", type=_existing_file,
                    metavar="FILE", help="nipype plugin settings (TOML/JSON/YAML: plugin, "
                    "plugin_args), e.g. SLURM or SGE")

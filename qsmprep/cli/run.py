@@ -137,6 +137,11 @@ def _check_paths(config: Config) -> None:
                            "choose another folder.", 64)
 
 
+#: MultiProc memory budget (GB) of ``--low-mem`` for the nodes (workflows/resources.py gives
+#: their estimates); with the scheduler process the run stays within about 3 GB
+LOW_MEM_BUDGET_GB = 2.5
+
+
 def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dict]:
     """Nipype plugin and its arguments (``--use-plugin`` file, else MultiProc)."""
     nipype = config.nipype
@@ -158,8 +163,11 @@ def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dic
     args = dict(nipype.plugin_args)
     if nipype.plugin == "MultiProc":
         args.setdefault("n_procs", nipype.nprocs)
-        if nipype.mem_gb:
-            args.setdefault("memory_gb", nipype.mem_gb / 1000)
+        budget = nipype.mem_gb / 1000 if nipype.mem_gb else None
+        if config.execution.low_mem:  # heavy nodes then run one at a time
+            budget = min(budget or LOW_MEM_BUDGET_GB, LOW_MEM_BUDGET_GB)
+        if budget:
+            args.setdefault("memory_gb", budget)
         args.setdefault("raise_insufficient", False)
     if nipype.plugin in plugins.BATCH:
         plugins.ensure_logname()  # Nipype's SLURM plugin names jobs after LOGNAME
