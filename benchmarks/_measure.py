@@ -6,9 +6,11 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 LOGGER = logging.getLogger("qsmprep.benchmark")
@@ -82,3 +84,13 @@ def load_average() -> str:
         return ", ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def write_section(results: Path, marker: str, text: str) -> None:
+    """Replace the ``<!-- marker:start -->...<!-- marker:end -->`` block of ``results`` by
+    ``text`` (which carries the markers), or append it."""
+    current = results.read_text() if results.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"<!-- {marker}:start -->.*?<!-- {marker}:end -->", re.S)
+    new = pattern.sub(lambda _: text, current) if pattern.search(current) else (
+        current.rstrip() + "\n\n" + text + "\n")
+    results.write_text(new)

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from qsmprep.simulate.phantom import head_phantom
 from qsmprep.simulate.signal import multi_echo_gre, oblique_affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers below
-from _measure import load_average  # noqa: E402
+from _measure import write_section, load_average  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -135,14 +134,6 @@ def report(shape, echoes, nprocs, options, sim_s, code, wall, peak, steps) -> st
     return "\n".join(lines)
 
 
-def write(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"<!-- full_size:start -->.*?<!-- full_size:end -->", re.S)
-    new = pattern.sub(lambda _: text, current) if pattern.search(current) else (
-        current.rstrip() + "\n\n" + text + "\n")
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 176))
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(shape, args.echoes, args.nprocs, args.options, sim_s, code, wall, peak, steps)
     print(text)
     if not args.no_write:
-        write(text)
+        write_section(RESULTS, "full_size", text)
 
 
 if __name__ == "__main__":

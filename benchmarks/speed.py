@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -37,7 +36,7 @@ from qsmprep.simulate.phantom import head_phantom
 from qsmprep.simulate.signal import multi_echo_gre
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers below
-from _measure import _release_freed_memory, load_average, measure  # noqa: E402
+from _measure import write_section, _release_freed_memory, load_average, measure  # noqa: E402
 
 #: the project's speed targets at 128^3 on 2 cores (issue: methods), seconds
 TARGETS = {
@@ -162,14 +161,6 @@ def table(rows, info, shape, echoes, command) -> str:
     return "\n".join(lines)
 
 
-def write(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"<!-- speed:start -->.*?<!-- speed:end -->", re.S)
-    new = pattern.sub(lambda _: text, current) if pattern.search(current) else (
-        current.rstrip() + "\n\n" + text + "\n")
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128))
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, info, tuple(args.shape), args.echoes, command.strip())
     print(text)
     if not args.no_write:
-        write(text)
+        write_section(RESULTS, "speed", text)
 
 
 if __name__ == "__main__":
