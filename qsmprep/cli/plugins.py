@@ -70,8 +70,8 @@ def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
     except PluginFileError:
         raise
     except Exception as error:  # yaml.YAMLError, TOMLDecodeError, JSONDecodeError
-        raise PluginFileError(f"plugin file {path} is not valid {suffix.lstrip('.').upper() or 'YAML'}: "
-                              f"{error}") from None
+        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+        raise PluginFileError(f"plugin file {path} is not valid {kind}: {error}") from None
     if not isinstance(data, dict) or "plugin" not in data:
         raise PluginFileError(f"plugin file {path} needs a 'plugin' key, e.g. 'plugin: SLURM' "
                               f"(one of {', '.join(SUPPORTED)}).")
