@@ -40,7 +40,7 @@ def save(
     images are memory-mapped when read; ``DerivativesDataSink`` compresses final outputs.
     """
     header = reference.header.copy()
-    array = np.asarray(data).astype(dtype)
+    array = np.asarray(data, dtype=dtype)
     header.set_data_dtype(array.dtype)
     header.set_slope_inter(1.0, 0.0)
     image = nb.Nifti1Image(array, reference.affine, header)

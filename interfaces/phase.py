@@ -71,8 +71,12 @@ class LoadEchoes(SimpleInterface):
         if bad:
             LOGGER.warning("%s: %d voxels hold NaN/Inf values; they are masked out of every "
                            "map (check the conversion).", _names(sources), bad)
-        magnitude = np.where(finite[..., None], np.abs(np.nan_to_num(magnitude)), 0)
-        values = magnitude[finite]
+        all_finite = bool(finite.all())  # the usual case: skip full-size 4D passes
+        if not all_finite:
+            magnitude = np.where(finite[..., None], np.nan_to_num(magnitude), 0)
+        if magnitude.min() < 0:
+            magnitude = np.abs(magnitude)
+        values = magnitude if all_finite else magnitude[finite]
         if values.size == 0 or float(values.max()) == float(values.min()):
             level = "no finite voxel" if values.size == 0 else f"every voxel is {values.max():g}"
             raise InputDataError(
@@ -86,7 +90,9 @@ class LoadEchoes(SimpleInterface):
                                "the value range. Add \"Units\" to the phase sidecars.",
                                _names(inputs.phase_files), units)
             try:
-                phase = np.where(finite[..., None], phase_core.to_radians(phase, units), 0)
+                phase = phase_core.to_radians(phase, units)
+                if not all_finite:
+                    phase[~finite] = 0.0
             except ValueError as error:
                 raise InputDataError(f"{_names(inputs.phase_files)}: {error}") from None
             metadata["PhaseUnits"] = units

@@ -111,9 +111,16 @@ def to_radians(phase: np.ndarray, units: str) -> np.ndarray:
         LOGGER.debug("to_radians: %d non-finite phase values set to 0.", n_bad)
     if not finite.any():
         raise ValueError("phase holds no finite values.")
-    work = np.where(finite, values, 0).astype(np.float64 if key == "arbitrary" else np.float32)
+    if key not in ("rad", "arbitrary"):
+        raise ValueError(f"unknown phase units {units!r}; choose 'rad' or 'arbitrary'.")
+    # float32 work in place: full-size 4D stacks are 10^8 values (float64 copies cost seconds)
+    result = np.array(values, dtype=np.float32)
+    if n_bad:
+        result[~finite] = 0.0
+        low, high = float(result[finite].min()), float(result[finite].max())
+    else:
+        low, high = float(result.min()), float(result.max())
     if key == "rad":
-        low, high = float(work[finite].min()), float(work[finite].max())
         limit = np.pi + RAD_TOLERANCE
         if low < -limit or high > limit:
             raise ValueError(
@@ -121,16 +128,18 @@ def to_radians(phase: np.ndarray, units: str) -> np.ndarray:
                 "if the phase has an arbitrary (vendor/integer) scaling use units='arbitrary' "
                 "(BIDS 'Units': 'arbitrary') to rescale min/max to -pi/+pi."
             )
-        result = work
-    elif key == "arbitrary":
-        low, high = float(work[finite].min()), float(work[finite].max())
+    else:
         if not high > low:
             raise ValueError(
                 f"phase with arbitrary units is constant ({low:.6g}); cannot rescale to radians."
             )
-        result = (work - low) * (_TWO_PI / (high - low)) - np.pi
-    else:
-        raise ValueError(f"unknown phase units {units!r}; choose 'rad' or 'arbitrary'.")
-    result = wrap(result.astype(np.float32))
-    result[~finite] = 0.0
+        result -= np.float32(low)
+        result *= np.float32(_TWO_PI / (high - low))
+        result -= np.float32(np.pi)
+    # every value now lies within RAD_TOLERANCE of [-pi, pi]: fold the edges into (-pi, pi]
+    pi, two_pi = np.float32(np.pi), np.float32(_TWO_PI)
+    result[result <= -pi] += two_pi
+    result[result > pi] -= two_pi
+    if n_bad:
+        result[~finite] = 0.0
     return result
