@@ -7,9 +7,10 @@ time per pipeline step.
 The head phantom is simulated at 1 mm on a 256 x 256 x 176 grid (field of view 256 x 256 x
 176 mm), 6 echoes from 4 ms every 5 ms, 3 T, SNR 100, 12 degrees oblique, written as BIDS
 (int16 magnitude, arbitrary-unit phase) to a temporary folder, then ``python -m qsmprep``
-runs on it with ``--nprocs`` (default 2). Peak memory is the largest sum of the resident
-sets of the CLI process and all its descendants, sampled every 0.2 s from /proc (the
-number a cluster scheduler enforces); per-step times come from the nodes' Nipype result
+runs on it with ``--nprocs`` (default 2). Peak memory is the largest sum of the proportional
+set sizes (PSS: shared pages of forked workers counted once) of the CLI process and all its
+descendants, sampled every 0.2 s from /proc -- the memory the run occupies, which cgroup
+limits of cluster schedulers enforce; per-step times come from the nodes' Nipype result
 files. The table goes into RESULTS.md between markers (``--no-write`` prints only).
 """
 
@@ -59,13 +60,23 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _tree_rss_mb(pid: int) -> float:
+def _pss_mb(pid: int) -> float:
+    """Proportional set size (MB): private pages plus a share of the pages shared with the
+    other processes (forked workers share the parent's), so the sum over a process tree is
+    the memory it occupies; summed RSS would count shared pages once per process."""
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _tree_pss_mb(pid: int) -> float:
     total, stack = 0.0, [pid]
     while stack:
         current = stack.pop()
         try:
-            with open(f"/proc/{current}/statm") as fh:
-                total += int(fh.read().split()[1]) * PAGE_MB
+            total += _pss_mb(current)
         except OSError:
             continue
         stack.extend(_children(current))
@@ -73,7 +84,7 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def run_cli(dataset: Path, out: Path, work: Path, nprocs: int, options: list[str]):
-    """(exit code, wall seconds, peak process-tree RSS MB, stderr tail)."""
+    """(exit code, wall seconds, peak process-tree PSS MB, stderr tail)."""
     command = [sys.executable, "-m", "qsmprep", str(dataset), str(out), "participant",
                "-w", str(work), "--nprocs", str(nprocs), "--skip-bids-validation", *options]
     start = time.perf_counter()
@@ -83,7 +94,7 @@ def run_cli(dataset: Path, out: Path, work: Path, nprocs: int, options: list[str
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+            peak[0] = max(peak[0], _tree_pss_mb(proc.pid))
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -124,7 +135,7 @@ def report(shape, echoes, nprocs, options, sim_s, code, wall, peak, steps) -> st
         "|---|---|",
         f"| exit code | {code} |",
         f"| wall time, whole CLI run | {wall:.1f} s |",
-        f"| peak memory, CLI process tree (sum of RSS) | {peak / 1024:.2f} GB |",
+        f"| peak memory, CLI process tree (sum of PSS, sampled every 0.2 s) | {peak / 1024:.2f} GB |",
         "",
         "| node | seconds |",
         "|---|---|",
