@@ -1,7 +1,8 @@
 """Cluster support without a cluster: ``--use-plugin`` files (YAML/TOML/JSON, refused
 plugins), ``LOGNAME``, per-node SLURM resources, nodes that unpickle in a bare interpreter
 (as batch jobs do), and ``scripts/qsmprep_array.sbatch`` run by hand, including its container
-route through a stand-in ``apptainer``. The real SLURM runs are in test_slurm.py."""
+route through a stand-in ``apptainer``, and Nipype's SGE plugin against stand-in
+``qsub``/``qstat``. The real SLURM runs are in test_slurm.py."""
 
 from __future__ import annotations
 
@@ -226,3 +227,72 @@ def test_array_script_container_route_with_participants_tsv(dataset, tmp_path):
     assert not Path(work).exists() and node_local.is_dir()
     assert tiny.checksums(dataset) == before
 
+
+
+FAKE_QSUB = """#!/bin/bash
+# stand-in for SGE's qsub: runs the job script at once, then reports it as SGE does
+args=("$@"); script=${args[-1]}; out=.; name=job
+while [[ $# -gt 1 ]]; do
+    case "$1" in -o) out=$2; shift 2;; -N) name=$2; shift 2;; *) shift;; esac
+done
+id=$(( $(cat "$FAKE_SGE_DIR/next" 2>/dev/null || echo 0) + 1 ))
+echo "$id" > "$FAKE_SGE_DIR/next"
+echo "$id $name ${args[*]}" >> "$FAKE_SGE_DIR/jobs"
+/bin/sh "$script" > "$out/$name.o$id" 2>&1
+echo "Your job $id (\\"$name\\") has been submitted"
+"""
+
+FAKE_QSTAT = """#!/bin/bash
+# stand-in for `qstat -u USER -xml -s psrz`: every submitted job, finished (zombie)
+echo "<?xml version='1.0'?><job_info><queue_info></queue_info><job_info>"
+while read -r id rest; do
+    echo "<job_list state=\\"zombie\\"><JB_job_number>$id</JB_job_number><slots>1</slots></job_list>"
+done < <(cat "$FAKE_SGE_DIR/jobs" 2>/dev/null)
+echo "</job_info></job_info>"
+"""
+
+
+def test_sge_plugin_runs_every_step_through_qsub(dataset, tmp_path):
+    """Nipype's blocking SGE plugin end to end against stand-in qsub/qstat (no SGE here):
+    every compute step is submitted as a job script that unpickles its node in a new
+    Python, results are collected, and LOGNAME (unset) names the jobs. The map equals the
+    one of a plain MultiProc run of the identical participant."""
+    import pwd
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("qsub", FAKE_QSUB), ("qstat", FAKE_QSTAT)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "sge").mkdir()
+    plugin_file = tmp_path / "sge.json"
+    plugin_file.write_text(json.dumps({"plugin": "SGE", "plugin_args": {
+        "qsub_args": "-q all.q", "poll_sleep_duration": 0.2}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOGNAME", "USER")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SGE_DIR=str(tmp_path / "sge"))
+    common = [sys.executable, "-m", "qsmprep", str(dataset)]
+    result = subprocess.run(
+        [*common, str(tmp_path / "out"), "participant", "--participant-label", "01",
+         "--skip-bids-validation", "--use-plugin", str(plugin_file), "-w",
+         str(tmp_path / "work"), "--nprocs", "1"],
+        capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    jobs = (tmp_path / "sge" / "jobs").read_text().splitlines()
+    names = [line.split()[1] for line in jobs]
+    for step in ("load_echoes", "brain_mask", "estimate_field", "remove_background",
+                 "invert_dipole", "reference_chi"):
+        assert any(n.startswith(step) for n in names), names
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert all(n.endswith("." + user) for n in names), names  # jobs named after LOGNAME
+    assert all("-q all.q" in line for line in jobs)
+    reference = subprocess.run(
+        [*common, str(tmp_path / "out_mp"), "participant", "--participant-label", "02",
+         "--skip-bids-validation", "-w", str(tmp_path / "work_mp"), "--nprocs", "1"],
+        capture_output=True, text=True, timeout=400)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    chi = nb.load(tmp_path / "out" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").get_fdata()
+    expected = nb.load(tmp_path / "out_mp" / "sub-02" / "anat" / "sub-02_Chimap.nii.gz")
+    # same inputs, same code: the same map to float32 rounding (1e-5 ppm; the map's values
+    # are ~0.1 ppm, a wrong participant or echo order differs by ~1e-2 ppm)
+    np.testing.assert_allclose(chi, expected.get_fdata(), rtol=0, atol=1e-5)
+    assert np.count_nonzero(chi) > 1000
