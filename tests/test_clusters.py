@@ -296,3 +296,26 @@ def test_sge_plugin_runs_every_step_through_qsub(dataset, tmp_path):
     # are ~0.1 ppm, a wrong participant or echo order differs by ~1e-2 ppm)
     np.testing.assert_allclose(chi, expected.get_fdata(), rtol=0, atol=1e-5)
     assert np.count_nonzero(chi) > 1000
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_memory_limit_follows_the_tightest_cgroup(tmp_path, version):
+    """A SLURM job or container limited to 3 GB on a large node: MultiProc's budget comes
+    from the control group (its own or a parent's limit), not from the node's RAM."""
+    sysfs = tmp_path / "cgroup"
+    if version == "v1":
+        (tmp_path / "proc").write_text("5:cpuset:/slurm/job_1\n4:memory:/slurm/job_1/step_0\n")
+        group = sysfs / "memory" / "slurm" / "job_1"
+        name, unlimited = "memory.limit_in_bytes", "9223372036854771712"
+    else:
+        (tmp_path / "proc").write_text("0::/system.slice/job_1/step_0\n")
+        group = sysfs / "system.slice" / "job_1"
+        name, unlimited = "memory.max", "max"
+    (group / "step_0").mkdir(parents=True)
+    (group / "step_0" / name).write_text(unlimited + "\n")
+    (group / name).write_text(f"{3 * 10**9}\n")
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+    limit = plugins.memory_limit_gb(str(tmp_path / "proc"), str(sysfs))
+    assert limit == pytest.approx(min(3.0, physical))
+    (group / name).write_text(unlimited + "\n")  # no limit: the physical memory
+    assert plugins.memory_limit_gb(str(tmp_path / "proc"), str(sysfs)) == pytest.approx(physical)

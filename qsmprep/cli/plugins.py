@@ -144,6 +144,48 @@ def _all_nodes(workflow):
     return workflow._get_all_nodes()
 
 
+def memory_limit_gb(proc_cgroup: str = "/proc/self/cgroup",
+                    sysfs: str = "/sys/fs/cgroup") -> float | None:
+    """Memory this process may use (GB): the physical memory or the tightest limit of its
+    control groups (cgroup v1 or v2, e.g. a SLURM job's or a container's allocation).
+
+    Nipype's MultiProc assumes 90% of the physical memory when no ``--mem`` is given; inside a
+    job limited to a fraction of a large node that schedules steps the kernel then kills.
+    """
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, group = parts
+        if controllers == "":  # cgroup v2
+            base, name = Path(sysfs), "memory.max"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base, name = Path(sysfs) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = base / group.lstrip("/")
+        while True:  # the group and its ancestors (a parent's limit applies too)
+            try:
+                text = (folder / name).read_text().strip()
+                if text.isdigit() and int(text) < 2**60:
+                    limits.append(int(text))
+            except OSError:
+                pass
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) / 1e9 if limits else None
+
+
 def default_omp_nthreads(nprocs: int, n_acquisitions: int) -> int:
     """Threads per process when ``--omp-nthreads`` is not given: the CPUs shared among the
     acquisitions that can run at once (one acquisition: all CPUs), at most 8.

@@ -164,6 +164,9 @@ def _plugin_settings(config: Config, plugin_file: Path | None) -> tuple[str, dic
     if nipype.plugin == "MultiProc":
         args.setdefault("n_procs", nipype.nprocs)
         budget = nipype.mem_gb / 1000 if nipype.mem_gb else None
+        if budget is None:  # the job's or container's memory limit, not the node's RAM
+            limit = plugins.memory_limit_gb()
+            budget = 0.9 * limit if limit else None
         if config.execution.low_mem:  # heavy nodes then run one at a time
             budget = min(budget or LOW_MEM_BUDGET_GB, LOW_MEM_BUDGET_GB)
         if budget:
