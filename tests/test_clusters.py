@@ -178,12 +178,37 @@ def test_array_script_refuses_bad_submissions(dataset, tmp_path):
         "SLURM_ARRAY_TASK_ID": "1", "QSMPREP_CONTAINER": str(tmp_path / "q.sif"),
         "PATH": "/usr/bin:/bin"}, tmp_path)
     assert result.returncode == 69 and "neither apptainer nor singularity" in result.stderr
+    result = _run_script([dataset, out, tmp_path / "missing.txt"],
+                         {"SLURM_ARRAY_TASK_ID": "1"}, tmp_path)
+    assert result.returncode == 66 and "missing.txt does not exist" in result.stderr
     assert not out.joinpath("sub-01").exists()
+
+
+def test_array_script_memory_per_cpu_and_plain_list(dataset, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(FAKE_APPTAINER)
+    (bin_dir / "apptainer").chmod(0o755)
+    listing = tmp_path / "participants.txt"
+    listing.write_text("# cohort A\nsub-01\n\n  02  \r\n")
+    log = tmp_path / "args"
+    result = _run_script([dataset, tmp_path / "out", listing, "--swi"], {
+        "SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "3", "SLURM_MEM_PER_CPU": "1000",
+        "QSMPREP_CONTAINER": str(tmp_path / "q.sif"), "FAKE_APPTAINER_LOG": str(log),
+        "FAKE_APPTAINER_DRY": "1", "QSMPREP_WORK_ROOT": str(tmp_path / "scratch"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    args = log.read_text().splitlines()
+    assert args[args.index("--participant-label") + 1] == "02"
+    assert args[args.index("--nprocs") + 1] == "3" and args[args.index("--mem") + 1] == "2700"
+    assert args[-1] == "--swi"
+    assert not list((tmp_path / "scratch").iterdir())  # work dir removed
 
 
 FAKE_APPTAINER = """#!/bin/bash
 # stand-in for apptainer: records its arguments, then runs qsmprep with those after the image
 printf '%s\\n' "$@" > "$FAKE_APPTAINER_LOG"
+[[ -n "${FAKE_APPTAINER_DRY:-}" ]] && exit 0
 [[ "$1" == run ]] || exit 2
 shift
 while [[ $# -gt 0 && "$1" != *.sif ]]; do
