@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import scipy.io
+from scipy import ndimage
 
 from qsmprep.recon import waterfat as wf
 from qsmprep.simulate import body
@@ -119,7 +120,14 @@ def test_non_uniform_echoes_three_and_sixteen():
         result = _run(signal, te, mask)
         error = np.abs(result.field_hz - field)[mask]
         assert np.median(error) < limit_hz, (len(te), np.median(error))
-        assert np.mean(error > 100) < 0.002, (len(te), np.mean(error > 100))
+        # a swap moves the field by about the fat frequency (434 Hz at 3 T); with three
+        # echoes the noise alone scatters some voxels of the PDFF-60% slice by 100-200 Hz
+        # (both regularisations: the fit has no residual degrees of freedom there)
+        if len(te) > 3:
+            assert np.mean(error > 100) < 0.002, (len(te), np.mean(error > 100))
+        else:
+            assert np.mean(error > 100) < 0.005, np.mean(error > 100)
+        assert np.mean(error > 217) == 0.0, (len(te), np.mean(error > 217))
         assert np.mean(np.abs(result.pdff - pdff)[mask]) < limit_pdff, len(te)
 
 
@@ -230,8 +238,15 @@ def _ismrm_case(name: str):
         reference, evaluation
 
 
-@pytest.mark.parametrize("case, limit", [("15", 3.0), ("12", 7.0)])
-def test_ismrm2012_challenge_fat_fraction(case, limit, record_property):
+@pytest.mark.parametrize("case", ["12", "15"])
+def test_ismrm2012_challenge_fat_fraction(case, record_property):
+    """Issue 4 acceptance: PDFF MAE <= 3 points in the organisers' eval_mask, no swaps.
+
+    A swapped region is a connected patch (in the eval mask) of voxels whose PDFF is off by
+    more than 30 points; the model-limited oracle (best local minimum per voxel against the
+    reference) still leaves isolated such voxels at tissue edges, so patches of up to 20
+    voxels (45 mm^2 in plane) are tolerated.
+    """
     images, te, b0, sign, reference, evaluation = _ismrm_case(case)
     magnitude = np.sqrt((np.abs(images) ** 2).sum(axis=-1))
     mask = magnitude > 0.05 * np.percentile(magnitude, 99)
@@ -239,8 +254,16 @@ def test_ismrm2012_challenge_fat_fraction(case, limit, record_property):
                          fat_model="ismrm", phase_sign=sign)
     scored = evaluation & mask & np.isfinite(reference)
     assert scored.sum() > 0.95 * evaluation.sum()
-    error = np.abs(result.pdff / 100 - reference)[scored] * 100
-    record_property("mae_points", float(error.mean()))
-    print(f"ISMRM 2012 case {case}: PDFF MAE {error.mean():.2f} points, "
-          f"{100 * np.mean(error > 10):.2f}% of voxels off by > 10 points")
-    assert error.mean() <= limit
+    error = np.abs(result.pdff - 100 * reference)
+    mae = float(error[scored].mean())
+    wrong = scored & (error > 30)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = True
+    labels, count = ndimage.label(wrong, structure=in_plane)
+    largest = int(np.bincount(labels[wrong]).max()) if count else 0
+    record_property("mae_points", mae)
+    print(f"ISMRM 2012 case {case}: PDFF MAE {mae:.2f} points, "
+          f"{100 * np.mean(error[scored] > 10):.2f}% of voxels off by > 10 points, largest "
+          f"patch off by > 30 points {largest} voxels")
+    assert mae <= 3.0
+    assert largest <= 20, largest
