@@ -227,7 +227,8 @@ def policy_problems(stages: list[Stage]) -> list[str]:
     final = stages[-1]
     users = [rest.split(":")[0] for keyword, rest in final.instructions if keyword == "USER"]
     if not users or not users[-1].isdigit() or int(users[-1]) == 0:
-        problems.append(f"USER must be a numeric non-root uid, got {users[-1] if users else None!r}")
+        given = users[-1] if users else None
+        problems.append(f"USER must be a numeric non-root uid, got {given!r}")
     entrypoints = [rest for keyword, rest in final.instructions if keyword == "ENTRYPOINT"]
     try:
         exec_form = bool(entrypoints) and isinstance(json.loads(entrypoints[-1]), list)

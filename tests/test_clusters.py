@@ -271,7 +271,8 @@ FAKE_QSTAT = """#!/bin/bash
 # stand-in for `qstat -u USER -xml -s psrz`: every submitted job, finished (zombie)
 echo "<?xml version='1.0'?><job_info><queue_info></queue_info><job_info>"
 while read -r id rest; do
-    echo "<job_list state=\\"zombie\\"><JB_job_number>$id</JB_job_number><slots>1</slots></job_list>"
+    echo "<job_list state=\\"zombie\\"><JB_job_number>$id</JB_job_number>"
+    echo "<slots>1</slots></job_list>"
 done < <(cat "$FAKE_SGE_DIR/jobs" 2>/dev/null)
 echo "</job_info></job_info>"
 """
