@@ -12,6 +12,7 @@ DESCRIPTIONS = {
     "mean": "mean over the brain mask",
     "csf": "mean over the lateral ventricles (central low-R2* CSF)",
     "roi": "mean over a provided reference mask",
+    "water": "mean over water-dominant soft tissue (fat fraction below 10%, eroded)",
     "none": "none",
 }
 
@@ -19,9 +20,11 @@ DESCRIPTIONS = {
 class _ReferenceInputSpec(BaseInterfaceInputSpec):
     chi = File(exists=True, mandatory=True, desc="susceptibility (ppm)")
     mask = File(exists=True, mandatory=True, desc="mask of valid susceptibility")
-    method = traits.Enum("mean", "csf", "roi", "none", usedefault=True, desc="reference region")
+    method = traits.Enum("mean", "csf", "roi", "water", "none", usedefault=True,
+                         desc="reference region")
     r2star = File(exists=True, desc="R2* map (1/s), for method 'csf'")
     roi = File(exists=True, desc="reference mask, for method 'roi'")
+    pdff = File(exists=True, desc="fat fraction (%) from the water-fat fit, for method 'water'")
 
 
 class _ReferenceOutputSpec(TraitedSpec):
@@ -50,6 +53,11 @@ class ReferenceSusceptibility(SimpleInterface):
                 raise ValueError("ROI referencing needs <entities>_desc-reference_mask in "
                                  "--mask-dir.")
             extra = {"roi": load_mask(self.inputs.roi)}
+        if method == "water":
+            if not self.inputs.pdff:
+                raise ValueError("water referencing needs the fat-fraction map of "
+                                 "--fieldmap-method waterfat.")
+            extra = {"pdff": load(self.inputs.pdff)[0]}
         chi, offset = reference_core.reference(chi, mask, method=method, **extra)
         self._results["chi"] = save(chi, image, "chi_referenced.nii.gz", cwd=runtime.cwd)
         self._results["metadata"] = {

@@ -23,7 +23,7 @@ BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp"]
 InversionMethod = Literal[
     "tv", "nltv", "medi", "l2medi", "tvmedi", "tgv", "rts", "ndi", "ilsqr", "l2", "tkd", "tsvd"
 ]
-ReferenceMethod = Literal["mean", "csf", "roi", "none"]
+ReferenceMethod = Literal["mean", "csf", "roi", "water", "none"]
 LambdaRule = Literal["lcurve", "discrepancy"]
 R2starMethod = Literal["loglinear", "arlo", "nlls"]
 
@@ -100,6 +100,11 @@ class WorkflowConfig:
         """Check method parameters against the core functions (names the offending key)."""
         from qsmprep.recon import background, inversion
 
+        if self.reference == "water" and self.fieldmap_method != "waterfat":
+            raise ConfigError(
+                "--reference water references to soft tissue of low fat fraction, which needs "
+                f"--fieldmap-method waterfat (got '{self.fieldmap_method}'); use --reference "
+                "mean or roi.")
         for step, registry, method, params in (
             ("inversion", inversion.METHODS, self.inversion_method, self.inversion_params),
             ("bfr", background.METHODS, self.bfr_method, self.bfr_params),

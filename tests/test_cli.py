@@ -42,6 +42,13 @@ def test_usage_errors_exit_64(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_args([str(tmp_path / "missing"), str(tmp_path / "out"), "participant"])
     assert stop.value.code == 64
+    with pytest.raises(SystemExit) as stop:  # soft-tissue reference needs the fat fraction
+        parse_args([str(dataset), str(tmp_path / "out"), "participant", "--reference", "water"])
+    assert stop.value.code == 64
+    assert "--fieldmap-method waterfat" in capsys.readouterr().err
+    config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant", "--preset",
+                            "body"])
+    assert config.workflow.reference == "water" and config.workflow.mask_type == "body"
 
 
 def test_options_map_to_config(dataset, tmp_path):

@@ -155,7 +155,7 @@ def test_label_and_basic_methods():
     assert offset == pytest.approx(float(chi[mask].mean()), abs=1e-7)
     out, offset = ref.reference(chi, mask, method="none")
     assert offset == 0.0 and np.array_equal(out, chi)
-    assert set(ref.METHODS) == {"mean", "roi", "csf", "label", "none"}
+    assert set(ref.METHODS) == {"mean", "roi", "csf", "label", "water", "none"}
 
 
 def test_reference_errors():
@@ -177,3 +177,32 @@ def test_reference_errors():
         ref.reference(chi, mask, method="label", labels=labels[:-1], label=1)
     with pytest.raises(ValueError, match="empty"):
         ref.reference(chi, np.zeros_like(mask))
+
+
+def test_water_reference_uses_low_fat_soft_tissue():
+    """Body slab: muscle (PDFF 3%, chi 0 + offset), subcutaneous fat (PDFF 90%, +0.6 ppm),
+    marrow (PDFF 60%, -0.5 ppm), one-voxel partial-volume rims; the offset is recovered from
+    the muscle alone, the mask mean is far off."""
+    shape = (40, 40, 20)
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape[::-1]], indexing="ij")
+    x, y = x.T - 19.5, y.T - 19.5  # [x, y, z] order
+    r = np.sqrt(x**2 + y**2)
+    mask = r < 18
+    pdff = np.where(r < 6, 60.0, np.where(r < 14, 3.0, 90.0)).astype(np.float32)
+    chi_true = np.where(r < 6, -0.5, np.where(r < 14, 0.0, 0.6)).astype(np.float32)
+    # partial-volume rims, muscle mixed with fat (fraction f): PDFF 3 + 87 f, chi 0.6 f;
+    # the voxels of little fat (f = 0.05, PDFF 7.4%) pass the 10% threshold
+    for lo, hi, f in ((13.3, 14.0, 0.05), (14.0, 14.7, 0.5)):
+        rim = (r >= lo) & (r < hi)
+        pdff[rim], chi_true[rim] = 3 + 87 * f, 0.6 * f
+    offset = 0.07
+    chi = np.where(mask, chi_true + offset, 0).astype(np.float32)
+    out, found = ref.reference(chi, mask, method="water", pdff=pdff)
+    assert found == pytest.approx(offset, abs=2e-3)  # the eroded muscle: rims barely count
+    muscle = mask & (r > 7) & (r < 13)
+    assert abs(float(out[muscle].mean())) < 2e-3
+    assert abs(ref.reference(chi, mask)[1] - offset) > 0.1  # the mask mean would be biased
+    with pytest.raises(ValueError, match="fat-fraction map"):
+        ref.reference(chi, mask, method="water")
+    with pytest.raises(ValueError, match="below 10"):
+        ref.reference(chi, mask, method="water", pdff=np.full(shape, 50.0, np.float32))

@@ -161,7 +161,7 @@ def init_qsm_wf(
             (field, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
                                  ("r2star_metadata", "r2star_metadata"), ("water", "water"),
                                  ("fat", "fat"), ("pdff", "pdff")]),
-            (field, reference, [("r2star", "r2star")]),
+            (field, reference, [("r2star", "r2star"), ("pdff", "pdff")]),
             *([(field, invert, [("opposed_phase", "edge_image")])] if study else []),
         ])
     if options.swi:

@@ -138,7 +138,7 @@ def _echo_list(value: str) -> str:
 #: ``--preset``: workflow defaults per body region (explicit options win).
 PRESETS = {
     "body": {"fieldmap_method": "waterfat", "mask_type": "body", "bfr_method": "pdf",
-             "bfr_erode_mm": 1.0, "inversion_method": "tv"},
+             "bfr_erode_mm": 1.0, "inversion_method": "tv", "reference": "water"},
 }
 
 
@@ -344,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "tol=1e-4 for pdf")
     g.add_argument("--reference", dest="workflow.reference",
                    type=_choice(get_args(ReferenceMethod)), metavar=_metavar(ReferenceMethod), default=wf.reference,
-                   help="susceptibility reference: mean (mask mean = 0), none")
+                   help="susceptibility reference: mean (mask mean = 0), csf (lateral "
+                   "ventricles by low R2*), roi (<entities>_desc-reference_mask in --mask-dir), "
+                   "water (body data with --fieldmap-method waterfat: soft tissue with fat "
+                   "fraction < 10%%, i.e. muscle = 0), none")
     g.add_argument(*_aliases("--r2star-method"), dest="workflow.r2star_method",
                    type=_choice(get_args(R2starMethod)), metavar=_metavar(R2starMethod), default=wf.r2star_method,
                    help="R2* fit: nlls, loglinear, arlo")

@@ -8,6 +8,9 @@ Methods (``METHODS``; susceptibility in ppm):
 - "csf": the mean over the lateral ventricles' CSF is zero; the CSF is found on an R2* map
   (1/s) by ``csf_mask`` (low R2*, large central connected components, eroded).
 - "label": the mean over the voxels of a label image equal to a given label index is zero.
+- "water": body data -- the mean over water-dominant soft tissue (muscle) is zero: voxels
+  whose proton-density fat fraction is below ``DEFAULT_WATER_PDFF`` percent, eroded by one
+  voxel (partial volume with fat, bone and air), from the water-fat separation.
 - "none": unchanged.
 """
 
@@ -25,6 +28,9 @@ __all__ = ["METHODS", "csf_mask", "reference"]
 
 #: R2* (1/s) below which a voxel counts as CSF (CSF ~1-3 /s, tissue >= ~12 /s at 3 T)
 DEFAULT_CSF_R2STAR = 5.0
+#: fat fraction (%) below which a voxel counts as water-dominant soft tissue (muscle ~1-5%,
+#: red marrow >= 30%, subcutaneous fat ~90%)
+DEFAULT_WATER_PDFF = 10.0
 
 
 # --------------------------------------------------------------------------------------
@@ -202,6 +208,24 @@ def _label(chi: np.ndarray, mask: np.ndarray, *, labels=None, label=None, **_) -
     return float(chi[roi].mean(dtype=np.float64))
 
 
+def _water(chi: np.ndarray, mask: np.ndarray, *, pdff=None, **_) -> float:
+    if pdff is None:
+        raise ValueError("reference method 'water' needs a fat-fraction map (%) from the "
+                         "water-fat separation")
+    fraction = np.asarray(pdff, dtype=np.float32)
+    if fraction.shape != chi.shape:
+        raise ValueError(f"pdff shape {fraction.shape} differs from chi shape {chi.shape}")
+    water = mask & np.isfinite(fraction) & (fraction < DEFAULT_WATER_PDFF)
+    eroded = ndi.binary_erosion(water, structure=ndi.generate_binary_structure(3, 1))
+    if eroded.sum() >= 0.1 * water.sum() and eroded.any():
+        water = eroded
+    if not water.any():
+        raise ValueError(f"no voxel of the mask has a fat fraction below {DEFAULT_WATER_PDFF}% "
+                         "(no water-dominant tissue to reference to); use --reference mean "
+                         "or roi")
+    return float(chi[water].mean(dtype=np.float64))
+
+
 def _none(chi: np.ndarray, mask: np.ndarray, **_) -> float:
     return 0.0
 
@@ -212,6 +236,7 @@ METHODS: dict[str, Callable[..., float]] = {
     "roi": _roi,
     "csf": _csf,
     "label": _label,
+    "water": _water,
     "none": _none,
 }
 
@@ -226,12 +251,14 @@ def reference(
     labels: np.ndarray | None = None,
     label: int | None = None,
     voxel_size: Sequence[float] | None = None,
+    pdff: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Shift ``chi_ppm`` (ppm) so that its reference region has zero mean.
 
     ``method``: "mean" (the whole ``mask``), "roi" (``roi`` within the mask), "csf" (the
     ventricles found by ``csf_mask`` on ``r2star`` (1/s); needs ``voxel_size`` in mm),
-    "label" (voxels of ``labels`` equal to ``label``, within the mask) or "none".
+    "label" (voxels of ``labels`` equal to ``label``, within the mask), "water" (soft tissue
+    with a fat fraction ``pdff`` (%) below 10%, for body data) or "none".
     Returns ``(chi_referenced_ppm, offset_ppm)``: float32 ``chi - offset`` inside the mask,
     voxels outside the mask unchanged.
     """
@@ -249,7 +276,8 @@ def reference(
     if not mask.any():
         raise ValueError("mask is empty")
     offset = func(
-        chi, mask, roi=roi, r2star=r2star, labels=labels, label=label, voxel_size=voxel_size
+        chi, mask, roi=roi, r2star=r2star, labels=labels, label=label, voxel_size=voxel_size,
+        pdff=pdff,
     )
     out = np.where(mask, chi - np.float32(offset), chi).astype(np.float32)
     return out, offset

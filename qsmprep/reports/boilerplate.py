@@ -260,6 +260,8 @@ _REFERENCE = {
     "ventricles, found as voxels of low R2* [@medi0].",
     "roi": "Susceptibility values were referenced to the mean over a provided reference "
     "region.",
+    "water": "Susceptibility values were referenced to the mean over water-dominant soft "
+    "tissue (proton-density fat fraction below 10%, eroded by one voxel).",
     "none": "Susceptibility values were not referenced (no offset was removed).",
 }
 
