@@ -30,14 +30,14 @@ Pipeline of :func:`separate`:
    smoothness of the field between 6-neighbours (voxel-size-aware). It runs coarse to fine
    on a pyramid of 2x2x2 block sums of the residual curves (like hmrGC): coarse levels use
    edge-stopping pair weights (links through partial-volume voxels next to air are cut, as
-   the field may jump there by more than the water/fat alias), the two finest levels
-   refine locally with plain signal weights (:func:`graphcut_field`). ``"multires"`` is
+   the field may jump there by more than the water/fat alias), the finest level refines
+   locally with plain signal weights (:func:`graphcut_field`). ``"multires"`` is
    the earlier iterated-conditional-modes pyramid (:func:`regularized_field`): each voxel
    takes the candidate minimising ``residual + smoothness (d(psi, psi_smooth) / f_fat)^2``
    against a Gaussian phasor average of its neighbourhood. ``"none"``: best minimum per
    voxel (swaps). Measured in ``benchmarks/RESULTS.md``: ISMRM 2012 challenge case 12
-   (chest, 1.5 T, 4 echoes) PDFF MAE 2.61 points with the graph cut (multires 5.98, swapped
-   spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
+   (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.62 points with the graph cut (multires 5.98,
+   swapped spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
 4. **Spatial unwrapping.** The graph cut chooses unwrapped fields; ``multires`` unwraps
    ``2 pi psi / period`` by region growing (exact multiples). Each connected part then
    takes the multiple of the period with mean nearest 0 Hz.
@@ -741,10 +741,11 @@ def _jump_moves(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, *,
     >= 0``) and the cut is the exact best move. Sweeps over ``steps`` repeat until the
     energy decreases by less than ``tol`` (relative).
 
-    ``band``: None (every voxel may move) or ``(mask, radius)``: each sweep only the voxels
+    ``band``: None (every voxel may move) or ``(mask, radius, fixed)``: only the voxels
     within ``radius`` voxels of one that alone could lower the energy may move (the others
-    enter as constants), for fine levels started from a coarse solution. Returns the
-    positions and the number of cuts.
+    enter as constants), for fine levels started from a coarse solution; ``fixed``: that
+    set is found once from the starting positions (moves stay within ``radius`` of them),
+    else anew every sweep. Returns the positions and the number of cuts.
     """
     import maxflow  # PyMaxflow (C++ Boykov-Kolmogorov max-flow)
 
@@ -753,14 +754,16 @@ def _jump_moves(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, *,
     data = data_weight * res
     energy = float(data.sum() + np.dot(w_pq, (psi[p] - psi[q]) ** 2))
     cuts = 0
+    active = None
+    if band is not None:
+        band_mask, radius, fixed = band
     for _ in range(max_sweeps):
         start_energy = energy
         if band is None:
             active = None
-            ids, pe, qe, we = np.arange(n), p, q, w_pq
+            ids, pe, qe = np.arange(n), p, q
             n_active = n
-        else:
-            band_mask, radius = band
+        elif active is None or not fixed:
             seeds = _unstable(state, psi, data, psi_c, res_c, count, data_weight, p, q, w_pq,
                               period, steps)
             if not seeds.any():
@@ -774,7 +777,7 @@ def _jump_moves(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, *,
             local = np.full(n, -1, dtype=np.int64)
             local[ids] = np.arange(n_active)
             inner = active[p] & active[q]
-            pe, qe, we = local[p[inner]], local[q[inner]], w_pq[inner]
+            pe, qe = local[p[inner]], local[q[inner]]
             p_only = active[p] & ~active[q]
             q_only = active[q] & ~active[p]
         for step, turns in steps:
@@ -847,7 +850,7 @@ def graphcut_field(
     n_candidates: int = 4,
     max_levels: int = 6,
     edge_power: float = 3.0,
-    local_levels: int = 2,
+    local_levels: int = 1,
     max_sweeps: int = 8,
     full_graph_voxels: int = 20000,
     band_radius: int = 3,
@@ -875,9 +878,11 @@ def graphcut_field(
       air (bowel gas, lung) are cut, as the field can jump there by more than the
       water/fat alias (case 12 of the ISMRM 2012 challenge: the spleen).
     * The ``local_levels`` finest levels use ``w = min(E_p, E_q)`` and may only change
-      voxels within ``band_radius`` voxels of one that alone would lower the energy: dim
-      tissue next to air follows its neighbours, regions decided above are kept. Levels
-      with more than ``full_graph_voxels`` voxels are band-limited the same way (speed).
+      voxels within ``band_radius`` voxels of those that alone would lower the energy at
+      the start: dim tissue next to air follows its neighbours, regions decided above are
+      kept (with 2 local levels a 10-voxel organ behind a gas gap was eroded and swapped,
+      tests/test_waterfat.py). Coarse levels with more than ``full_graph_voxels`` voxels
+      are band-limited too (the band found anew every sweep), for speed.
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
@@ -935,7 +940,7 @@ def graphcut_field(
             state = _nearest_state(prior[m], psi_c, count, period)
         band = None
         if prior is not None and (local or e.size > full_graph_voxels):
-            band = (m, band_radius)
+            band = (m, band_radius, local)
         state, cuts = _jump_moves(psi_c, res_c, count, e, p, q, w_pq, period, state,
                                   max_sweeps=max_sweeps, band=band)
         total_cuts += cuts
