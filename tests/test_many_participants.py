@@ -170,3 +170,39 @@ def test_default_threads_share_the_cpus_among_acquisitions():
     assert default_omp_nthreads(16, 1) == 8
     assert default_omp_nthreads(16, 4) == 4
     assert default_omp_nthreads(3, 2) == 1
+
+
+def _increment(value):
+    return value + 1
+
+
+def test_scheduler_wakes_when_a_step_finishes(tmp_path):
+    """A chain of 6 trivial steps with a 1 s poll interval: Nipype's MultiProc sleeps out the
+    interval after every step (>= 6 s); qsmprep's wakes on the result callback. The frozen
+    garbage collector and Nipype's sleep are restored afterwards."""
+    import gc
+
+    from nipype import Function, Node, Workflow
+    from nipype.pipeline.plugins import base
+
+    from qsmprep.cli.plugins import QSMMultiProcPlugin
+
+    workflow = Workflow(name="chain", base_dir=str(tmp_path))
+    previous = None
+    for index in range(6):
+        node = Node(Function(input_names=["value"], output_names=["value"],
+                             function=_increment), name=f"step{index}")
+        if previous is None:
+            node.inputs.value = 0
+        else:
+            workflow.connect(previous, "value", node, "value")
+        previous = node
+    workflow.config["execution"]["poll_sleep_duration"] = 1.0
+    original_sleep = base.sleep
+    start = time.monotonic()
+    graph = workflow.run(plugin=QSMMultiProcPlugin(plugin_args={"n_procs": 2}))
+    seconds = time.monotonic() - start
+    last = next(n for n in graph.nodes() if n.name == "step5")
+    assert last.result.outputs.value == 6
+    assert seconds < 4.5, f"{seconds:.1f} s"  # polling alone would take >= 6 s
+    assert base.sleep is original_sleep and gc.get_freeze_count() == 0

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -206,12 +207,37 @@ def runner(plugin: str, plugin_args: dict[str, Any]):
 
 
 class QSMMultiProcPlugin(MultiProcPlugin):
-    """MultiProc whose per-round ``gc.collect()`` skips the graph built before the run."""
+    """MultiProc whose per-round ``gc.collect()`` skips the graph built before the run, and
+    whose scheduler wakes as soon as a step finishes.
+
+    Nipype's scheduling loop sleeps out its poll interval (``poll_sleep_duration``) in every
+    round, so each finished step waits up to that long before its successors start; with
+    many short steps (small images, many participants) that idle time dominates. During the
+    run the loop's sleep waits on an event that the result callback sets instead (still at
+    most the poll interval).
+    """
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self._finished = threading.Event()
 
     def run(self, graph, config, updatehash=False):
+        from nipype.pipeline.plugins import base
+
         gc.collect()
         gc.freeze()  # the execution graph: alive for the whole run, no garbage to find
+        original_sleep = base.sleep
+        base.sleep = self._sleep  # the loop's only sleep; restored below
         try:
             return super().run(graph, config, updatehash=updatehash)
         finally:
+            base.sleep = original_sleep
             gc.unfreeze()
+
+    def _sleep(self, seconds: float) -> None:
+        self._finished.wait(seconds)
+        self._finished.clear()
+
+    def _async_callback(self, args):
+        super()._async_callback(args)
+        self._finished.set()
