@@ -24,9 +24,11 @@ LOGGER = logging.getLogger("qsmprep")
 
 WATERFAT_REFERENCE = (
     "Hernando D, et al. Joint estimation of water/fat images and field inhomogeneity map. "
-    "Magn Reson Med 2008;59:571-580 (VARPRO); Berglund J, Skorpil M. Multi-scale graph-cut "
-    "algorithm for efficient water-fat separation. Magn Reson Med 2017;78:941-949 "
-    "(multi-resolution regularisation); Hamilton G, et al. NMR Biomed 2011;24:784-790 and "
+    "Magn Reson Med 2008;59:571-580 (VARPRO); Hernando D, Kellman P, Haldar JP, Liang ZP. "
+    "Robust water/fat separation in the presence of large field inhomogeneities using a graph "
+    "cut algorithm. Magn Reson Med 2010;63:79-90 (graph-cut regularisation); Berglund J, "
+    "Skorpil M. Magn Reson Med 2017;78:941-949 (multi-scale graph cut); Hamilton G, et al. "
+    "NMR Biomed 2011;24:784-790 and "
     "Ren J, et al. J Lipid Res 2008;49:2055-2062 (fat spectra)."
 )
 
@@ -164,8 +166,9 @@ class WaterFatField(SimpleInterface):
                 results["metadata"] = {
                     **common, **result.parameters,
                     "FieldMappingDescription": "Water-fat separation with a multi-peak fat "
-                    "model and one R2*: VARPRO grid search, multi-resolution regularisation "
-                    "of the water/fat ambiguity, spatial unwrapping, continuous refinement.",
+                    "model and one R2*: VARPRO grid search, coarse-to-fine graph-cut "
+                    "regularisation of the water/fat ambiguity (jump moves by max-flow, which "
+                    "also unwrap the field), continuous refinement.",
                     "FieldMappingReference": WATERFAT_REFERENCE,
                     "SwapCheckMessage": result.swaps.message,
                 }

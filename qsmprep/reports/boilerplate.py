@@ -174,6 +174,11 @@ BIBTEX: dict[str, str] = {
   title = {Joint estimation of water/fat images and field inhomogeneity map},
   journal = {Magnetic Resonance in Medicine}, volume = {59}, number = {3}, pages = {571--580},
   year = {2008}, doi = {10.1002/mrm.21522}}""",
+    "graphcut_hernando": """@article{graphcut_hernando,
+  author = {Hernando, Diego and Kellman, Peter and Haldar, Justin P. and Liang, Zhi-Pei},
+  title = {Robust water/fat separation in the presence of large field inhomogeneities using a graph cut algorithm},
+  journal = {Magnetic Resonance in Medicine}, volume = {63}, number = {1}, pages = {79--90},
+  year = {2010}, doi = {10.1002/mrm.22177}}""",
     "graphcut": """@article{graphcut,
   author = {Berglund, Johan and Skorpil, Mikael},
   title = {Multi-scale graph-cut algorithm for efficient water-fat separation},
@@ -198,7 +203,8 @@ BIBTEX: dict[str, str] = {
 
 #: Citation keys of each method value of the configuration.
 METHOD_CITATIONS: dict[str, tuple[str, ...]] = {
-    "nlfit": ("nlfit",), "linear": ("mcpc3ds",), "waterfat": ("varpro", "graphcut"),
+    "nlfit": ("nlfit",), "linear": ("mcpc3ds",),
+    "waterfat": ("varpro", "graphcut_hernando", "graphcut"),
     "inphase": ("nlfit",),
     "region_growing": ("romeo",), "romeo": ("romeo",), "laplacian": ("laplacian",),
     "reliability": ("reliability",),
@@ -335,8 +341,9 @@ def describe_qsm(
                 "The field map was estimated by water-fat separation with a multi-peak fat "
                 f"spectrum ({model.replace('_', '-')}"
                 + (f" [{fat_cites}]" if fat_cites else "") + ") and a common R2*: a "
-                "variable-projection grid search [@varpro], multi-resolution regularisation "
-                "of the water/fat ambiguity [@graphcut], spatial unwrapping and continuous "
+                "variable-projection grid search [@varpro], coarse-to-fine graph-cut "
+                "regularisation of the water/fat ambiguity by max-flow jump moves "
+                "[@graphcut_hernando; @graphcut], which also unwrapped the field, and continuous "
                 "refinement; water, fat and proton-density fat-fraction maps and R2* came "
                 "from the same fit, and a swap detector checked the field for water/fat "
                 "swaps.")
