@@ -178,8 +178,9 @@ def _increment(value):
 
 def test_scheduler_wakes_when_a_step_finishes(tmp_path):
     """A chain of 6 trivial steps with a 1 s poll interval: Nipype's MultiProc sleeps out the
-    interval after every step (>= 6 s); qsmprep's wakes on the result callback. The frozen
-    garbage collector and Nipype's sleep are restored afterwards."""
+    interval after every step (>= 6 s); qsmprep's wakes on the result callback, and on
+    cached steps of a rerun. The frozen garbage collector and Nipype's sleep are restored
+    afterwards."""
     import gc
 
     from nipype import Function, Node, Workflow
@@ -206,3 +207,10 @@ def test_scheduler_wakes_when_a_step_finishes(tmp_path):
     assert last.result.outputs.value == 6
     assert seconds < 4.5, f"{seconds:.1f} s"  # polling alone would take >= 6 s
     assert base.sleep is original_sleep and gc.get_freeze_count() == 0
+    # a rerun over the same work dir: every step cached, checked in this process; Nipype
+    # polls once per n_procs cached steps (>= 3 s here)
+    start = time.monotonic()
+    graph = workflow.run(plugin=QSMMultiProcPlugin(plugin_args={"n_procs": 2}))
+    seconds = time.monotonic() - start
+    assert next(n for n in graph.nodes() if n.name == "step5").result.outputs.value == 6
+    assert seconds < 2.5, f"rerun {seconds:.1f} s"

@@ -212,9 +212,10 @@ class QSMMultiProcPlugin(MultiProcPlugin):
 
     Nipype's scheduling loop sleeps out its poll interval (``poll_sleep_duration``) in every
     round, so each finished step waits up to that long before its successors start; with
-    many short steps (small images, many participants) that idle time dominates. During the
-    run the loop's sleep waits on an event that the result callback sets instead (still at
-    most the poll interval).
+    many short steps (small images, many participants) that idle time dominates, and a rerun
+    over a full work dir waits the interval for every few cached steps. During the run the
+    loop's sleep waits on an event that finished steps set instead (still at most the poll
+    interval).
     """
 
     def __init__(self, plugin_args=None):
@@ -240,4 +241,11 @@ class QSMMultiProcPlugin(MultiProcPlugin):
 
     def _async_callback(self, args):
         super()._async_callback(args)
+        self._finished.set()
+
+    def _task_finished_cb(self, jobid, cached=False):
+        super()._task_finished_cb(jobid, cached=cached)
+        # a step done in this process (cached from an earlier run, or a sink) frees its
+        # dependents: schedule them now, not after the poll interval (a rerun over a full
+        # work dir otherwise waits the interval for every ~n_procs cached steps)
         self._finished.set()
