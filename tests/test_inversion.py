@@ -234,7 +234,7 @@ def test_reference():
     assert metrics.nrmse(out, truth_ref, p.mask, demean=False) < 50.0
     out, offset = ref.reference(chi, p.mask, method="none")
     assert offset == 0.0 and np.array_equal(out, chi)
-    assert set(ref.METHODS) == {"mean", "roi", "csf", "label", "none"}
+    assert set(ref.METHODS) == {"mean", "roi", "csf", "label", "water", "none"}
     with pytest.raises(ValueError, match="choose one of"):
         ref.reference(chi, p.mask, method="ventricles")
     with pytest.raises(ValueError, match="needs a boolean roi"):
