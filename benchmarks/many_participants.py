@@ -53,8 +53,9 @@ def make_dataset(root: Path, count: int) -> Path:
     return root
 
 
-def run_mode(mode: str, bids_dir: Path, base: Path, nprocs: int) -> dict:
-    out, work = base / f"out_{mode}", base / f"work_{mode}"
+def run_mode(mode: str, bids_dir: Path, base: Path, nprocs: int, index: int = 0) -> dict:
+    """One fresh run (its own output and work folders)."""
+    out, work = base / f"out_{mode}_{index}", base / f"work_{mode}_{index}"
     args = [str(bids_dir), str(out), "participant", "--skip-bids-validation",
             "--nprocs", str(nprocs), "-w", str(work)]
     if mode == "omp2":
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(tiny.ECHO_TIMES)} echoes, --nprocs {options.nprocs}")
         print("| execution | exit | maps | wall (s) | workflow (s) | rest (s) | CPU (s) | load |")
         print("|---|---|---|---|---|---|---|---|")
-        for mode in options.modes.split(","):
-            row = run_mode(mode, bids_dir, base, options.nprocs)
+        for index, mode in enumerate(options.modes.split(",")):
+            row = run_mode(mode, bids_dir, base, options.nprocs, index)
             print(f"| {row['mode']} | {row['exit']} | {row['maps']} | {row['wall_s']:.1f} | "
                   f"{row['workflow_s']:.1f} | {row['wall_s'] - row['workflow_s']:.1f} | "
                   f"{row['cpu_s']:.0f} | {row['load']:.1f} |", flush=True)

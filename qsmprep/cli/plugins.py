@@ -191,9 +191,11 @@ def default_omp_nthreads(nprocs: int, n_acquisitions: int) -> int:
     """Threads per process when ``--omp-nthreads`` is not given: the CPUs shared among the
     acquisitions that can run at once (one acquisition: all CPUs), at most 8.
 
-    Small acquisitions spend most of their time in single-threaded steps and Nipype
-    bookkeeping, so running several at once with fewer threads each uses the CPUs better
-    (40 participants of 24^3 voxels on 2 CPUs: 45.9 s with 1 thread each, 75.2 s with 2).
+    With more CPUs than one step can use (small images gain little from FFT threads; many
+    steps are single-threaded), several acquisitions' steps then run side by side instead
+    of one multi-threaded step at a time. On 2 CPUs it makes no difference (40 participants
+    of 24^3 voxels: 22.7 s of workflow with 1 thread per step, 23.4 s with 2;
+    benchmarks/many_participants.py).
     """
     concurrent = max(1, min(int(n_acquisitions), int(nprocs)))
     return max(1, min(8, int(nprocs) // concurrent))
