@@ -8,7 +8,9 @@ folders with several execution settings:
 - ``omp2``: the same with ``--omp-nthreads P`` (the former default, all CPUs per step);
 - ``nipype-multiproc``: Nipype's own MultiProc (a full ``gc.collect()`` every scheduling
   round), qsmprep's plugin swapped out in the process;
-- ``linear``: Nipype's in-process ``Linear`` plugin.
+- ``linear``: Nipype's in-process ``Linear`` plugin;
+- ``rerun``: qsmprep again over the first run's output and work folders (every step
+  cached).
 
 It prints wall time, the workflow time ("finished in ... s" of the log) and the rest
 (indexing, reports), and the time to build and to reuse the pybids index for N and 10·N
@@ -54,8 +56,10 @@ def make_dataset(root: Path, count: int) -> Path:
 
 
 def run_mode(mode: str, bids_dir: Path, base: Path, nprocs: int, index: int = 0) -> dict:
-    """One fresh run (its own output and work folders)."""
+    """One run in fresh output and work folders (``rerun``: in those of the first run)."""
     out, work = base / f"out_{mode}_{index}", base / f"work_{mode}_{index}"
+    if mode == "rerun":
+        out, work = sorted(base.glob("out_*_0"))[0], sorted(base.glob("work_*_0"))[0]
     args = [str(bids_dir), str(out), "participant", "--skip-bids-validation",
             "--nprocs", str(nprocs), "-w", str(work)]
     if mode == "omp2":
@@ -67,7 +71,9 @@ def run_mode(mode: str, bids_dir: Path, base: Path, nprocs: int, index: int = 0)
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", RUNNER, mode, *args], capture_output=True,
+    runner_mode = "default" if mode == "rerun" else mode
+    result = subprocess.run([sys.executable, "-c", RUNNER, runner_mode, *args],
+                            capture_output=True,
                             text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
