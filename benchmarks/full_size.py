@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmprep.simulate.bids import RunSpec, SubjectSpec, write_bids_dataset
+from qsmprep.datasets.bids import RunSpec, SubjectSpec, write_bids_dataset
 from qsmprep.simulate.phantom import head_phantom
 from qsmprep.simulate.signal import multi_echo_gre, oblique_affine
 

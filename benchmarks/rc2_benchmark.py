@@ -7,7 +7,7 @@ Usage (from the repository root; needs ``../shared/data/rc2_head_phantom`` or ``
 
 What it does:
 
-1. Builds the RC2 head phantom with :func:`qsmprep.simulate.rc2.rc2_phantom` (chi per label
+1. Builds the RC2 head phantom with :func:`qsmprep.datasets.rc2.rc2_phantom` (chi per label
    from the RC2 table, a 4 mm shell outside the brain mask that copies the nearest in-mask chi
    so there is no contrast across the mask boundary, air and bone outside the head) and
    simulates 4-echo GRE data (TE 4/12/20/28 ms, B0 along z, smooth phase offset, shim up to
@@ -60,7 +60,7 @@ from qsmprep.config import WorkflowConfig
 from qsmprep.recon import background, fieldmap, inversion, reference, unwrap
 from qsmprep.recon import mask as mask_core
 from qsmprep.recon.dipole import forward_field, hz_to_ppm, padded_shape
-from qsmprep.simulate.rc2 import rc2_phantom
+from qsmprep.datasets.rc2 import rc2_phantom
 from qsmprep.simulate.signal import GreSimulation, multi_echo_gre
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers below

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmprep.simulate.bids import RunSpec, SubjectSpec, write_bids_dataset
+from qsmprep.datasets.bids import RunSpec, SubjectSpec, write_bids_dataset
 from qsmprep.simulate.phantom import TISSUES, head_phantom
 from qsmprep.simulate.signal import crop_affine, multi_echo_gre, oblique_affine
 
@@ -221,7 +221,7 @@ def make_vertebra_study(out: Path, n_participants: int = 8) -> Path:
     """Write ``vertebra_study`` (participants x 2 scans, ROIs, reference table) under ``out``."""
     import dataclasses
 
-    from qsmprep.simulate.bids import save_nifti, write_json, write_tsv
+    from qsmprep.datasets.bids import save_nifti, write_json, write_tsv
     from qsmprep.simulate.study import VERTEBRAE, TruthModel, reference_rows, simulate_study
 
     model = TruthModel()
@@ -319,7 +319,7 @@ water/fat, R2*, fields, BV/TV) in derivatives/groundtruth. Process with
 def make_body_leg(out: Path) -> Path:
     """``body_leg``: the water-fat leg phantom, 6 echoes, 2 mm (bundled, < 3 MB)."""
     from qsmprep.simulate.body import leg_dataset
-    from qsmprep.simulate.body_bids import leg_affine, write_body_dataset
+    from qsmprep.datasets.body import leg_affine, write_body_dataset
 
     echo_times = tuple(round(1.25e-3 + 0.9e-3 * n, 6) for n in range(6))
     voxel, snr = (2.0, 2.0, 2.0), 100.0

@@ -2,7 +2,7 @@
 
 A sphere of "tissue" (radius 20 mm, 2 mm voxels) with two susceptibility inclusions, forward
 simulated with :func:`qsmprep.recon.dipole.forward_field` and written with the BIDS writers of
-:mod:`qsmprep.simulate.bids` (deterministic gzip bytes). :func:`add_participant` writes one
+:mod:`qsmprep.datasets.bids` (deterministic gzip bytes). :func:`add_participant` writes one
 participant; :func:`clone_participant` copies it under another label (fast), so that a test
 can give each participant its own defect and run them all in one ``qsmprep`` call.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qsmprep.recon.dipole import forward_field, ppm_to_hz
-from qsmprep.simulate.bids import encode_phase, save_nifti, write_json
+from qsmprep.datasets.bids import encode_phase, save_nifti, write_json
 
 SHAPE = (24, 24, 24)
 VOXEL_MM = 2.0

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from qsmprep.cli.run import main
-from qsmprep.simulate.bids import save_nifti
+from qsmprep.datasets.bids import save_nifti
 
 import _tiny_bids as tiny
 

@@ -31,7 +31,7 @@ VOXEL = 2.56  # mm: 4x the RC2 labels, a 64 x 80 x 80 head
 
 @pytest.fixture(scope="module")
 def head():
-    from qsmprep.simulate.rc2 import rc2_phantom
+    from qsmprep.datasets.rc2 import rc2_phantom
 
     folder = shared_data("rc2_head_phantom")
     phantom = rc2_phantom(folder, voxel_size=(VOXEL,) * 3)

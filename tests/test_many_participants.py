@@ -18,7 +18,7 @@ import pytest
 
 from qsmprep import layout_cache
 from qsmprep.cli.plugins import default_omp_nthreads
-from qsmprep.simulate.bids import save_nifti
+from qsmprep.datasets.bids import save_nifti
 
 import _tiny_bids as tiny
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 
 from qsmprep.recon.dipole import GAMMA_BAR_MHZ_PER_T, b0_direction_from_affine
-from qsmprep.simulate.bids import RunSpec, SubjectSpec, write_bids_dataset
+from qsmprep.datasets.bids import RunSpec, SubjectSpec, write_bids_dataset
 from qsmprep.simulate.phantom import TISSUES, HeadPhantom, head_phantom
 from qsmprep.simulate.signal import (
     crop_affine,
@@ -359,7 +359,7 @@ def test_bids_writer_is_deterministic_and_checks(tmp_path, phantom4):
 
 @pytest.mark.skipif(not RC2.exists(), reason="shared RC2 phantom data not present")
 def test_rc2_phantom_at_2mm():
-    from qsmprep.simulate.rc2 import rc2_phantom
+    from qsmprep.datasets.rc2 import rc2_phantom
 
     p = rc2_phantom(RC2, voxel_size=(2.0, 2.0, 2.0))
     assert p.shape == (82, 102, 102)

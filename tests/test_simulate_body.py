@@ -10,7 +10,7 @@ import pytest
 
 from qsmprep.recon import waterfat
 from qsmprep.simulate import body
-from qsmprep.simulate.body_bids import leg_affine, write_body_dataset
+from qsmprep.datasets.body import leg_affine, write_body_dataset
 
 
 @pytest.fixture(scope="module")

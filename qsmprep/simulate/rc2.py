@@ -1,9 +1,8 @@
 """Head phantom from the QSM challenge 2.0 (RC2) tissue segmentation.
 
-Reads ``SegmentedModel.nii.gz`` (labels 1-16 at 0.64 mm), ``BrainMask.nii.gz`` and
-``SusceptibilityValues.mat`` (``label(i).chiref``, ppm) from an RC2 phantom folder (this
-module, unlike the rest of :mod:`qsmprep.simulate`'s core, reads files: the phantom is data).
-Labels are resampled to the target voxel size by area-weighted majority (the mode of the
+Built from the arrays of ``SegmentedModel.nii.gz`` (labels 1-16 at 0.64 mm),
+``BrainMask.nii.gz`` and the ``chiref`` table of ``SusceptibilityValues.mat`` (ppm), which
+:mod:`qsmprep.datasets.rc2` reads from an RC2 phantom folder. Labels are resampled to the target voxel size by area-weighted majority (the mode of the
 0.64 mm labels overlapping each target voxel); susceptibility, ``m0`` and ``R2*`` are
 area-weighted averages of the per-label values (partial volume, so small structures such
 as the 0.02 mL calcification keep their magnetic moment at 2 mm).  Outside the brain mask,
@@ -15,11 +14,9 @@ keep the anatomy.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import scipy.io
 import scipy.sparse
 from scipy import ndimage
 
@@ -29,24 +26,6 @@ LOGGER = logging.getLogger("qsmprep")
 
 #: voxel size (mm) of the RC2 segmentation
 RC2_SOURCE_VOXEL_MM = 0.64
-
-
-def _find(folder: Path, name: str) -> Path:
-    hits = sorted(folder.rglob(name))
-    if not hits:
-        raise FileNotFoundError(f"{name} not found under {folder}")
-    return hits[0]
-
-
-def load_rc2_chiref(mat_path: str | Path) -> dict[int, tuple[str, float]]:
-    """Label id (1-based) -> (name, chiref ppm) from RC2's ``SusceptibilityValues.mat``."""
-    data = scipy.io.loadmat(str(mat_path), squeeze_me=True, struct_as_record=False)
-    if "label" not in data:
-        raise ValueError(f"{mat_path}: no 'label' struct")
-    out = {}
-    for i, entry in enumerate(np.atleast_1d(data["label"]), start=1):
-        out[i] = (str(entry.name), float(entry.chiref))
-    return out
 
 
 def _overlap_matrix(n_src: int, d_src: float, n_dst: int, d_dst: float) -> scipy.sparse.csr_matrix:
@@ -129,24 +108,25 @@ def resample_labels(
 
 
 def rc2_phantom(
-    folder: str | Path,
+    labels_src: np.ndarray,
+    mask_src: np.ndarray,
     *,
+    source_voxel_size: Sequence[float],
+    chiref: dict[int, tuple[str, float]],
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     shell_mm: float = 4.0,
     calcification_ppm: float | None = None,
 ) -> HeadPhantom:
-    """RC2 head phantom resampled to ``voxel_size`` (mm).
+    """RC2 head phantom resampled to ``voxel_size`` (mm) from its segmentation.
 
-    ``folder`` holds (possibly in sub-folders) ``SegmentedModel.nii.gz``,
-    ``BrainMask.nii.gz`` and ``SusceptibilityValues.mat``.  Susceptibility per label is
-    RC2's ``chiref`` (ppm; CSF 0.019, air 9.2, bone -2.1, calcification -3.3 unless
-    ``calcification_ppm`` is given); ``m0`` and ``R2*`` per label are the 3 T values of
-    :data:`qsmprep.simulate.phantom.TISSUES`.  ``shell_mm`` is the thickness of the shell
+    ``labels_src`` (RC2 ``SegmentedModel`` label ids) and ``mask_src`` (its ``BrainMask``) on
+    the source grid of ``source_voxel_size`` (mm); ``chiref`` label id -> (name, chi ppm),
+    RC2's table (CSF 0.019, air 9.2, bone -2.1, calcification -3.3 unless
+    ``calcification_ppm`` is given). ``m0`` and ``R2*`` per label are the 3 T values of
+    :data:`qsmprep.simulate.phantom.TISSUES`. ``shell_mm`` is the thickness of the shell
     outside the mask that copies the nearest in-mask susceptibility (0 disables it).
+    ``qsmprep.datasets.rc2.rc2_phantom`` reads these from the challenge's files.
     """
-    import nibabel as nib  # local import: file I/O only in this reader
-
-    folder = Path(folder)
     vs = tuple(float(v) for v in voxel_size)
     if len(vs) != 3 or min(vs) <= 0:
         raise ValueError(f"voxel_size must be 3 positive values (mm), got {voxel_size!r}")
@@ -154,12 +134,9 @@ def rc2_phantom(
         raise ValueError(f"voxel_size {vs} is finer than the RC2 model ({RC2_SOURCE_VOXEL_MM} mm)")
     if shell_mm < 0:
         raise ValueError(f"shell_mm must be >= 0, got {shell_mm!r}")
-    seg_img = nib.load(str(_find(folder, "SegmentedModel.nii.gz")))
-    mask_img = nib.load(str(_find(folder, "BrainMask.nii.gz")))
-    chiref = load_rc2_chiref(_find(folder, "SusceptibilityValues.mat"))
-    src_voxel = tuple(float(v) for v in seg_img.header.get_zooms()[:3])
-    labels_src = np.asarray(seg_img.dataobj, dtype=np.int16)
-    mask_src = np.asarray(mask_img.dataobj) > 0.5
+    src_voxel = tuple(float(v) for v in source_voxel_size)
+    labels_src = np.asarray(labels_src, dtype=np.int16)
+    mask_src = np.asarray(mask_src, dtype=bool)
     if labels_src.shape != mask_src.shape:
         raise ValueError("RC2 SegmentedModel and BrainMask grids differ")
 

@@ -1,6 +1,6 @@
 """Write a simulated water-fat body acquisition as BIDS, with water-fat ground truth.
 
-Reuses :func:`qsmprep.simulate.bids.write_bids_dataset` for the raw echoes and the standard
+Reuses :func:`qsmprep.datasets.bids.write_bids_dataset` for the raw echoes and the standard
 ground truth (``Chimap`` over the tissue, labels, R2*, S0, total/local field maps) and adds,
 in ``derivatives/groundtruth/sub-<s>/anat``::
 
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from qsmprep.recon import waterfat
-from qsmprep.simulate.bids import (
+from qsmprep.datasets.bids import (
     RunSpec,
     SubjectSpec,
     entity_prefix,
@@ -126,7 +126,7 @@ def write_body_dataset(
 
 def _raw_gain(root: Path, subject: str, simulation: GreSimulation) -> float:
     """Scale from simulated proton density to the stored raw magnitude (as the writer chose)."""
-    from qsmprep.simulate.bids import _magnitude_gain
+    from qsmprep.datasets.bids import _magnitude_gain
 
     return _magnitude_gain(simulation, "int16", 2.0)
 
