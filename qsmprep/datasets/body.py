@@ -15,15 +15,16 @@ and per-label properties (chi ppm, PDFF %, BV/TV, R2* 1/s) as extra columns of t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from qsmprep.recon import waterfat
 from qsmprep.datasets.bids import (
     RunSpec,
     SubjectSpec,
+    _magnitude_gain,
     entity_prefix,
     quantize_int16,
     save_nifti,
@@ -31,6 +32,7 @@ from qsmprep.datasets.bids import (
     write_json,
     write_tsv,
 )
+from qsmprep.recon import waterfat
 from qsmprep.simulate.body import BodyPhantom
 from qsmprep.simulate.signal import GreSimulation
 
@@ -83,11 +85,9 @@ def write_body_dataset(
     prefix = entity_prefix(subject, None, None, None)
     anat = truth / f"sub-{subject}" / "anat"
     model = waterfat.get_fat_model(fat_model)
-    with open(anat / f"{prefix}_S0map.json") as stream:  # the magnitude scale of the raw data
-        import json
-
-        s0_sidecar = json.load(stream)
-    gain = _raw_gain(root, subject, simulation)
+    # the truth sidecars written for the raw data name its sources
+    s0_sidecar = json.loads((anat / f"{prefix}_S0map.json").read_text())
+    gain = _magnitude_gain(simulation, "int16", 2.0)  # the writer's raw magnitude scale
     common = {
         "FatModel": model.name, "FatPeaksPpm": list(model.ppm),
         "FatPeakAmplitudes": [round(a, 6) for a in model.amplitude],
@@ -122,13 +122,6 @@ def write_body_dataset(
     write_tsv(anat / f"{prefix}_desc-phantom_dseg.tsv",
               ["index", "name", "chi_ppm", "pdff_percent", "bvtv", "r2star_per_s"], rows)
     return root
-
-
-def _raw_gain(root: Path, subject: str, simulation: GreSimulation) -> float:
-    """Scale from simulated proton density to the stored raw magnitude (as the writer chose)."""
-    from qsmprep.datasets.bids import _magnitude_gain
-
-    return _magnitude_gain(simulation, "int16", 2.0)
 
 
 def leg_affine(shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
