@@ -127,6 +127,31 @@ def test_pdf_weight_and_iterations():
     assert nrmse(local_2, p.local, mask) > 60.0
 
 
+def _pdf_iterations(caplog) -> int:
+    counts = [int(r.getMessage().split()[1]) for r in caplog.records
+              if r.getMessage().startswith("PDF:")]
+    caplog.clear()
+    return counts[-1]
+
+
+def test_pdf_stops_when_the_data_residual_stalls(caplog):
+    """The stall test ends CG once the local field (the data residual) stops shrinking;
+    the result is then exactly the iterate at that count."""
+    p = _phantom("iso", white_matter_ppm=-0.03)
+    f = p.total(noise=True)
+    kw = dict(voxel_size=p.voxel_size, b0_direction=p.b0_direction)
+    caplog.set_level("DEBUG", logger="qsmprep")
+    bg.pdf(f, p.mask, stall_tol=0.0, **kw)
+    converged = _pdf_iterations(caplog)
+    stalled, _ = bg.pdf(f, p.mask, stall_tol=1e-2, **kw)
+    n = _pdf_iterations(caplog)
+    assert 5 < n < converged
+    same, _ = bg.pdf(f, p.mask, stall_tol=0.0, max_iter=n, **kw)
+    np.testing.assert_array_equal(stalled, same)
+    with pytest.raises(ValueError, match="stall_tol"):
+        bg.pdf(f, p.mask, stall_tol=-1.0, **kw)
+
+
 def test_lbv_peel():
     p = _phantom("iso")
     f = p.total(noise=False)
