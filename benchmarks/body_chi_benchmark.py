@@ -51,11 +51,12 @@ def leg_case(fov_z, tilt_deg, cortex_mm):
 
 def stages(name, vs, b0, total, labels, chi_t, tissue, weight_zero, rois, soft):
     exact = forward_field(np.where(tissue, chi_t, 0).astype(np.float32), vs, b0)
+    # a relative noise (zero weight in the cortex), so lam is given: 2e-4, not noise-scaled
     noise = np.where(weight_zero, 1e6, 1.0).astype(np.float32)
     for pad in (0.0, 1.0):
         _common.TRUNCATED_PAD_FRACTION = pad
         chi = inversion.invert(exact, tissue, voxel_size=vs, b0_direction=b0, method="tv",
-                               noise=noise)
+                               noise=noise, lam=inversion.DEFAULT_TV_LAMBDA)
         report(f"{name}: exact field -> TV, cut-axis pad {max(pad, 0.25)}", chi, labels, chi_t,
                tissue, rois, soft)
     _common.TRUNCATED_PAD_FRACTION = 1.0
@@ -63,7 +64,7 @@ def stages(name, vs, b0, total, labels, chi_t, tissue, weight_zero, rois, soft):
         local, m = background.remove(total, tissue, voxel_size=vs, b0_direction=b0,
                                      method=method)
         chi = inversion.invert(local, m, voxel_size=vs, b0_direction=b0, method="tv",
-                               noise=noise)
+                               noise=noise, lam=inversion.DEFAULT_TV_LAMBDA)
         report(f"{name}: true total -> {method} -> TV", chi, labels, chi_t, m, rois, soft)
 
 

@@ -26,7 +26,8 @@ class _InvertDipoleInputSpec(BaseInterfaceInputSpec):
     b0_tesla = traits.Float(mandatory=True, desc="main field (T)")
     echo_times = traits.List(traits.Float, desc="echo times (s): phase scale of nonlinear terms")
     method = traits.Str("tv", usedefault=True, desc="inversion method (inversion.METHODS)")
-    lam = traits.Float(desc="regularisation weight (method default when unset)")
+    lam = traits.Float(desc="regularisation weight (method default when unset: "
+                       "0.15 x median field noise for TV)")
     lambda_rule = traits.Enum("", "lcurve", "discrepancy", usedefault=True,
                               desc="choose lam per acquisition with this rule")
     params = traits.Dict(desc="further keyword parameters of the method")
@@ -89,6 +90,9 @@ class InvertDipole(SimpleInterface):
                                 if choice.curvature is not None else {}),
                              **({"RegularizationTarget": float(choice.target)}
                                 if choice.target is not None else {})}
+            elif "lam" not in params and method in inversion.NOISE_SCALED_LAMBDA:
+                # resolved here so that the sidecar records the value that ran
+                params["lam"] = inversion.default_lambda(method, noise, mask)
             chi = inversion.invert(
                 local_ppm, mask, voxel_size=voxel_size, b0_direction=direction,
                 method=method, magnitude=magnitude, noise=noise, **params,

@@ -13,6 +13,7 @@ import pytest
 
 from qsmprep.analysis import metrics
 from qsmprep.cli.run import main
+from qsmprep.recon.dipole import hz_to_ppm
 
 from conftest import shared_data
 
@@ -61,7 +62,12 @@ def test_brain_example_runs_and_is_valid_bids(brain_run):
     assert sidecar["Units"] == "ppm" and sidecar["SkullStripped"] is True
     assert sidecar["Sources"][0].startswith("bids:raw:sub-01/anat/")
     assert sidecar["DipoleInversion"] == "tv" and "B0Direction" in sidecar
-    assert sidecar["DipoleInversionParameters"]["lam"] == pytest.approx(2e-4)
+    # TV's lam: 0.15 x the median field noise (ppm) of the fit, over the inversion mask
+    noise_hz = nb.load(next((out.parent / "work").rglob("estimate_field/noise_hz.nii*")))
+    local = nb.load(anat / "sub-01_localfield.nii.gz").get_fdata()
+    noise_ppm = hz_to_ppm(noise_hz.get_fdata()[local != 0], sidecar["MagneticFieldStrength"])
+    assert sidecar["DipoleInversionParameters"]["lam"] == pytest.approx(
+        0.15 * np.median(noise_ppm), rel=0.02)
     assert sidecar["EchoTime"] == pytest.approx([0.004, 0.012, 0.020, 0.028])
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"

@@ -243,3 +243,26 @@ def test_reference():
         ref.reference(chi, p.mask, method="roi", roi=~p.mask)
     with pytest.raises(ValueError, match="shape"):
         ref.reference(chi, p.mask[:-1])
+
+
+def test_tv_lambda_scales_with_the_field_noise(caplog):
+    """Without ``lam``, TV runs with 0.15 x the median field noise (ppm) in the mask; 2e-4
+    without a noise map or when the noise is not plausibly in ppm (with a warning)."""
+    p = brain_phantom(**GEOMETRIES["iso"])
+    f = p.local_noisy()
+    kw = dict(voxel_size=p.voxel_size, b0_direction=p.b0_direction, max_iter=20)
+    sigma = float(np.median(p.noise_std[p.mask]))
+    assert inversion.noise_scaled_lambda(p.noise_std, p.mask) == pytest.approx(0.15 * sigma)
+    assert inversion.noise_scaled_lambda(2 * p.noise_std, p.mask) == pytest.approx(
+        0.3 * sigma)
+    assert inversion.noise_scaled_lambda(None, p.mask) == inversion.DEFAULT_TV_LAMBDA
+    np.testing.assert_array_equal(
+        inversion.tv_admm(f, p.mask, noise=p.noise_std, **kw),
+        inversion.tv_admm(f, p.mask, noise=p.noise_std, lam=0.15 * sigma, **kw))
+    assert inversion.default_lambda("tv", p.noise_std, p.mask) == pytest.approx(0.15 * sigma)
+    assert inversion.default_lambda("nltv") == inversion.DEFAULT_TV_LAMBDA
+    assert inversion.default_lambda("tkd") is None
+    # noise in Hz (x 128 at 3 T) is not taken for ppm
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        lam = inversion.noise_scaled_lambda(128 * p.noise_std, p.mask)
+    assert lam == inversion.DEFAULT_TV_LAMBDA and "not a field noise in ppm" in caplog.text

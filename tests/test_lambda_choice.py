@@ -124,7 +124,12 @@ def test_l2_discrepancy_principle_tracks_noise():
 def test_tv_discrepancy_principle():
     p, f, kw = _case(0.002)
     kw.update(magnitude=p.magnitude, max_iter=100)
-    choice = lc.discrepancy(f, p.mask, noise=p.noise_std, method="tv", **kw)
+    # the default grid is centred on TV's noise-scaled default lam (0.15 x 0.002 ppm)
+    default_grid = lc._lambda_grid(None, "tv", p.noise_std, p.mask)
+    np.testing.assert_allclose(default_grid, 3e-4 * lc.DEFAULT_RELATIVE_LAMBDAS, rtol=1e-5)
+    # the grid the numbers below were measured on (2e-4 x 10^(-1.5..1.5))
+    grid = 2e-4 * lc.DEFAULT_RELATIVE_LAMBDAS
+    choice = lc.discrepancy(f, p.mask, noise=p.noise_std, method="tv", lambdas=grid, **kw)
     assert choice.criterion == "discrepancy" and choice.regulariser == "tv"
     assert choice.curvature is None and choice.lambdas.size == 7
     lams = choice.lambdas

@@ -9,6 +9,7 @@ Screenshots are saved in ``ci-artifacts/`` (ignored by git) for people to look a
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -63,7 +64,12 @@ def test_participant_page_from_the_run(runs):
     # the summary comes from the sidecars: echo times, field, obliquity, methods
     assert "4: TE = 4, 12, 20, 28 ms" in page and "2.894 T" in page
     assert "obliquity 12.0°" in page and "2 × 2 × 2 mm" in page
-    for method in ("nlfit", "region_growing", "ismv", "tv (", "lam = 0.0002", "nlls"):
+    # TV's lam is the noise-scaled value that ran (from the sidecar), not a fixed default
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_Chimap.json").read_text())
+    lam = sidecar["DipoleInversionParameters"]["lam"]
+    assert lam != pytest.approx(2e-4, rel=0.01)
+    for method in ("nlfit", "region_growing", "ismv", "tv (", f"lam = {lam:.3g}", "nlls",
+                   f"regularisation weight λ = {lam:.3g}"):
         assert method in page, method
     assert "qsm_wf.invert_dipole" in page  # run time per step from nipype's runtime
     assert 'id="no-errors"' in page

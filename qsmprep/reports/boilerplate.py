@@ -380,9 +380,7 @@ def describe_qsm(
         elif options.inversion_lambda is not None:
             lam = f", with regularisation weight λ = {options.inversion_lambda:.3g}"
         else:
-            default = _default_lambda(method)
-            if default is not None:
-                lam = f", with regularisation weight λ = {default:.3g}"
+            lam = _default_lambda_text(method)
         params = ", ".join(f"{k} = {_number(v)}" for k, v in
                            sorted(dict(options.inversion_params).items()))
         study = (" The data weight was the maximum magnitude over echo times and the edge "
@@ -410,14 +408,18 @@ def describe_qsm(
     return " ".join(sentences)
 
 
-def _default_lambda(method: str) -> float | None:
+def _default_lambda_text(method: str) -> str:
+    """", with regularisation weight ..." for ``method``'s default lam ("" if it has none)."""
     try:
         from qsmprep.recon import inversion
 
-        value = inversion.effective_parameters(method).get("lam")
+        if method in inversion.NOISE_SCALED_LAMBDA:
+            return (f", with regularisation weight λ = {inversion.TV_LAMBDA_PER_NOISE:g} "
+                    "times the median field noise (ppm) of each acquisition")
+        value = inversion.default_lambda(method)
     except Exception:  # unknown method or registry problem: say nothing
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+        return ""
+    return "" if value is None else f", with regularisation weight λ = {value:.3g}"
 
 
 def collect_descriptions(workflow: Any) -> list[str]:

@@ -37,12 +37,16 @@ from .iterative import ilsqr, rts
 from .medi import edge_mask, l2_medi, medi, tv_medi
 from .nonlinear import ndi, nonlinear_tv, phase_scale
 from .tgv import tgv
-from .tv import DEFAULT_TV_LAMBDA, tv_admm
+from .tv import DEFAULT_TV_LAMBDA, TV_LAMBDA_PER_NOISE, noise_scaled_lambda, tv_admm
 
 __all__ = [
     "DEFAULT_L2_LAMBDA",
     "DEFAULT_TV_LAMBDA",
     "METHODS",
+    "NOISE_SCALED_LAMBDA",
+    "TV_LAMBDA_PER_NOISE",
+    "default_lambda",
+    "noise_scaled_lambda",
     "closed_form_l2",
     "edge_mask",
     "ilsqr",
@@ -77,6 +81,9 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "tgv": tgv,
     "rts": rts,
 }
+
+#: methods whose default ``lam`` is ``noise_scaled_lambda`` of the field noise map
+NOISE_SCALED_LAMBDA = ("tv", "nltv")
 
 
 def invert(
@@ -118,6 +125,18 @@ def invert(
     return func(
         local_field_ppm, mask, voxel_size=voxel_size, b0_direction=b0_direction, **kwargs
     )
+
+
+def default_lambda(
+    method: str, noise: np.ndarray | float | None = None, mask: np.ndarray | None = None
+) -> float | None:
+    """The ``lam`` that ``method`` runs with when none is given (``None``: it has none):
+    for TV and nonlinear TV ``noise_scaled_lambda(noise, mask)`` (0.15 x the median field
+    noise in ppm; 2e-4 without a noise map), else the method's default."""
+    if method in NOISE_SCALED_LAMBDA:
+        return noise_scaled_lambda(noise, mask)
+    value = effective_parameters(method).get("lam")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def effective_parameters(method: str, **params) -> dict[str, float]:

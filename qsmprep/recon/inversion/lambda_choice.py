@@ -72,12 +72,17 @@ def _methods() -> dict[str, Callable[..., np.ndarray]]:
     return METHODS
 
 
-def _lambda_grid(lambdas, method: str, func) -> np.ndarray:
+def _lambda_grid(lambdas, method: str, noise=None, mask=None) -> np.ndarray:
+    """``lambdas`` validated, or the default grid: ``DEFAULT_L2_LAMBDAS`` for "l2", else
+    the lam ``method`` would run with (``default_lambda``: noise-scaled for TV) times
+    ``DEFAULT_RELATIVE_LAMBDAS``."""
     if lambdas is None:
         if method == "l2":
             return DEFAULT_L2_LAMBDAS.copy()
-        default = inspect.signature(func).parameters["lam"].default
-        if not isinstance(default, (int, float)) or not default > 0:
+        from . import default_lambda  # the package's rule (late import: no import cycle)
+
+        default = default_lambda(method, noise, mask)
+        if default is None or not default > 0:
             raise ValueError(f"method {method!r} has no default lam; pass lambdas")
         return float(default) * DEFAULT_RELATIVE_LAMBDAS
     lam = np.unique(np.asarray(lambdas, dtype=float).ravel())
@@ -255,7 +260,8 @@ def lcurve(
       of its ``regulariser``), so a dense grid (default 33 values, 1e-4..1) costs a few
       array passes per ``lam``.
     - any other method of ``inversion.METHODS`` with a ``lam`` parameter: it is run at every
-      ``lam`` (default: its default lam x 10^(-1.5..1.5), 7 values), from the largest down,
+      ``lam`` (default: the lam it runs with, noise-scaled for TV, x 10^(-1.5..1.5),
+      7 values), from the largest down,
       warm-started when it accepts ``chi0``; the residual is ``||W (D chi - f)||`` in the
       mask with the method's data weights (``data_weights(mask, magnitude, noise)``) and
       ``R`` = ``||grad chi||_1`` over mask voxel pairs (``regulariser_norm`` may choose
@@ -268,7 +274,7 @@ def lcurve(
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
     kind = _method_regulariser(method, params, regulariser_norm)
     if method == "l2":
-        lam_grid = _lambda_grid(lambdas, "l2", None)
+        lam_grid = _lambda_grid(lambdas, "l2")
         res, reg = _l2_norms(field, mask, vox, b0, lam_grid, kind, params)
     else:
         func = _methods().get(method)
@@ -277,7 +283,7 @@ def lcurve(
                              f"{sorted(_methods())}")
         if "lam" not in inspect.signature(func).parameters:
             raise ValueError(f"method {method!r} has no regularisation weight lam")
-        lam_grid = _lambda_grid(lambdas, method, func)
+        lam_grid = _lambda_grid(lambdas, method, noise, mask)
         chis = _run_sweep(field, mask, vox, b0, method, lam_grid, magnitude, noise, params)
         weight = data_weights(mask, magnitude, noise)
         forward = _Forward(mask, vox, b0)
@@ -382,7 +388,7 @@ def discrepancy(
     inv_sigma = inv_sigma.astype(np.float32)
 
     if method == "l2":
-        lam_grid = _lambda_grid(lambdas, "l2", None)
+        lam_grid = _lambda_grid(lambdas, "l2")
         grid, d, spec, r = _l2_setup(field, mask, vox, b0, kind, params)
         d2 = d * d
 
@@ -403,7 +409,7 @@ def discrepancy(
                              f"{sorted(_methods())}")
         if "lam" not in inspect.signature(func).parameters:
             raise ValueError(f"method {method!r} has no regularisation weight lam")
-        lam_grid = _lambda_grid(lambdas, method, func)
+        lam_grid = _lambda_grid(lambdas, method, noise, mask)
         forward = _Forward(mask, vox, b0)
 
         def residual(lam: float, chi: np.ndarray | None = None) -> float:

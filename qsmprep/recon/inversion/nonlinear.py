@@ -28,7 +28,7 @@ import scipy.fft
 from qsmprep.recon.dipole import GAMMA_BAR_MHZ_PER_T, dipole_kernel
 
 from ._common import _check, _Grid, data_weights
-from .tv import DEFAULT_TV_LAMBDA, _admm_tv, _check_admm
+from .tv import _admm_tv, _check_admm
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -98,7 +98,7 @@ def nonlinear_tv(
     b0_direction: Sequence[float],
     magnitude: np.ndarray | None = None,
     noise: np.ndarray | None = None,
-    lam: float = DEFAULT_TV_LAMBDA,
+    lam: float | None = None,
     phase_scale: float = DEFAULT_PHASE_SCALE,
     mu1: float | None = None,
     mu2: float = DEFAULT_NLTV_MU2,
@@ -137,7 +137,8 @@ def nonlinear_tv(
     mask : tissue mask.  voxel_size : mm.  b0_direction : unit B0 vector in voxel axes.
     magnitude, noise : data weights W (``data_weights``: 1/noise, else magnitude, else mask;
         mean 1 in the mask).
-    lam : TV weight (default 2e-4 as ``tv_admm``).  phase_scale : rad per ppm.
+    lam : TV weight (default ``noise_scaled_lambda`` as ``tv_admm``).
+    phase_scale : rad per ppm.
     mu1, mu2 : ADMM penalties (defaults ``300 lam`` and 1).
     edge_fraction, edge_weight : magnitude edge weighting of the TV term (``edge_weights``).
     newton_steps : Newton iterations of the ``z2`` step (vectorised numpy on the mask voxels).
@@ -149,7 +150,9 @@ def nonlinear_tv(
     s = _check_phase_scale(phase_scale)
     if int(newton_steps) < 1:
         raise ValueError(f"newton_steps must be >= 1, got {newton_steps}")
-    mu1, kernels = _check_admm(lam, mu1, mu2, max_iter, tol, backend)
+    lam, mu1, kernels = _check_admm(
+        lam, noise, mask, mu1, mu2, max_iter, tol, backend
+    )
     return _admm_tv(
         field, mask, vox, b0, weight=data_weights(mask, magnitude, noise), magnitude=magnitude,
         lam=lam, mu1=mu1, mu2=mu2, max_iter=max_iter, tol=tol, edge_fraction=edge_fraction,

@@ -15,11 +15,18 @@ from ._common import _check, _gradient_symbol, _Grid, data_weights, edge_weights
 
 LOGGER = logging.getLogger("qsmprep")
 
-# The TV optimum on the challenge-label head phantom was lam 1e-4 / 2e-4 / 4e-4 at median
-# field noise 0.0013 / 0.0025 / 0.005 ppm (lam_opt ~ 0.08 x median noise); 2e-4 stays within
-# 8% NRMSE of it over that range. mu1 = 300 lam, mu2 = 0.1 reached the NRMSE plateau in ~50
-# iterations (FANSI's 100 lam / 1 needed > 150 with our mean-1 weights).
+# The TV optimum scales with the field noise sigma (ppm): on the challenge-label head at
+# 1.5 mm, end to end (nlfit -> iSMV -> TV), lam_opt = 1e-4 at median sigma 9.1e-4 (3 T, SNR
+# 100), 2.5e-4 at 2.3e-3 (3 T, SNR 40) and <= 5e-5 at 5.7e-4 (7 T, SNR 100), i.e.
+# 0.09-0.13 sigma; on the unit-test phantom simulated on a 2x finer grid (model error on top
+# of the noise) 1-2e-4 / 2-3e-4 / >= 4e-4 at sigma 5e-4 / 1e-3 / 2e-3, i.e. ~0.2 sigma.
+# Hence lam = 0.15 x median sigma when the noise map is known, 2e-4 (sigma ~ 1.3e-3) when
+# not. mu1 = 300 lam, mu2 = 0.1 reached the NRMSE plateau in ~50 iterations (FANSI's
+# 100 lam / 1 needed > 150 with our mean-1 weights).
 DEFAULT_TV_LAMBDA = 2e-4
+TV_LAMBDA_PER_NOISE = 0.15
+#: median field noise (ppm) taken as such for the noise-scaled lam (SNR ~1 at the top)
+PLAUSIBLE_NOISE_PPM = (1e-6, 0.05)
 DEFAULT_TV_MU1_FACTOR = 300.0
 DEFAULT_TV_MU2 = 0.1
 
@@ -154,7 +161,7 @@ def tv_admm(
     b0_direction: Sequence[float],
     magnitude: np.ndarray | None = None,
     noise: np.ndarray | None = None,
-    lam: float = DEFAULT_TV_LAMBDA,
+    lam: float | None = None,
     mu1: float | None = None,
     mu2: float = DEFAULT_TV_MU2,
     max_iter: int = 150,
@@ -180,9 +187,9 @@ def tv_admm(
     voxel_size : mm.  b0_direction : unit B0 vector in voxel axes.
     magnitude, noise : data weights W: ``1/noise`` if given, else the magnitude, else the
         mask; normalised to mean 1 inside the mask (so ``lam`` does not depend on their scale).
-    lam : TV weight (ppm fields, gradients in ppm/mm, mean-1 weights); default 2e-4, tuned
-        for in vivo-like field noise of ~0.0025 ppm; the optimum scales roughly as
-        0.08 x the median field noise in ppm (see ``DEFAULT_TV_LAMBDA``).
+    lam : TV weight (ppm fields, gradients in ppm/mm, mean-1 weights); default
+        ``noise_scaled_lambda``: 0.15 x the median field noise (ppm) when ``noise`` is
+        given, else 2e-4 (see ``TV_LAMBDA_PER_NOISE``).
     mu1, mu2 : ADMM penalties (defaults ``mu1 = 300 lam``, ``mu2 = 0.1``).
     edge_fraction, edge_weight : with a magnitude, G = ``edge_weight`` on that fraction of
         mask voxels with the strongest magnitude gradient (``edge_weights``); else G = 1.
@@ -192,7 +199,7 @@ def tv_admm(
     Returns float32 chi (ppm), zero outside ``mask``.
     """
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
-    mu1, kernels = _check_admm(lam, mu1, mu2, max_iter, tol, backend)
+    lam, mu1, kernels = _check_admm(lam, noise, mask, mu1, mu2, max_iter, tol, backend)
 
     def linear_z2(f: np.ndarray, w2: np.ndarray) -> Z2Step:
         # z2 = (W^2 f + mu2 (D chi + s2)) / (W^2 + mu2), fused with the dual update
@@ -209,8 +216,38 @@ def tv_admm(
     )
 
 
-def _check_admm(lam, mu1, mu2, max_iter, tol, backend) -> tuple[float, tuple | None]:
-    """Validated ``mu1`` (default ``300 lam``) and the numba kernels of the backend."""
+def noise_scaled_lambda(
+    noise: np.ndarray | float | None, mask: np.ndarray | None = None
+) -> float:
+    """The TV weight's default: ``TV_LAMBDA_PER_NOISE`` x the median field noise (ppm) over
+    the voxels of ``mask`` (all without one) where it is positive and finite;
+    ``DEFAULT_TV_LAMBDA`` without any, or (with a warning) when that median is outside
+    ``PLAUSIBLE_NOISE_PPM`` (noise given in other units, used only as data weights)."""
+    if noise is None:
+        return DEFAULT_TV_LAMBDA
+    sigma = np.asarray(noise, dtype=np.float32)
+    if mask is not None:
+        sigma = np.broadcast_to(sigma, np.shape(mask))[np.asarray(mask, dtype=bool)]
+    sigma = sigma[np.isfinite(sigma) & (sigma > 0)]
+    if sigma.size == 0:
+        return DEFAULT_TV_LAMBDA
+    median = float(np.median(sigma))
+    if not PLAUSIBLE_NOISE_PPM[0] <= median <= PLAUSIBLE_NOISE_PPM[1]:
+        LOGGER.warning(
+            "TV: the median noise %.3g is not a field noise in ppm (expected %g..%g; Hz or "
+            "relative units?): lam falls back to %g; pass lam explicitly.",
+            median, *PLAUSIBLE_NOISE_PPM, DEFAULT_TV_LAMBDA,
+        )
+        return DEFAULT_TV_LAMBDA
+    return TV_LAMBDA_PER_NOISE * median
+
+
+def _check_admm(
+    lam, noise, mask, mu1, mu2, max_iter, tol, backend
+) -> tuple[float, float, tuple | None]:
+    """Validated ``lam`` (default ``noise_scaled_lambda``), ``mu1`` (default ``300 lam``) and
+    the numba kernels of the backend."""
+    lam = noise_scaled_lambda(noise, mask) if lam is None else lam
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     mu1 = DEFAULT_TV_MU1_FACTOR * lam if mu1 is None else float(mu1)
@@ -223,7 +260,7 @@ def _check_admm(lam, mu1, mu2, max_iter, tol, backend) -> tuple[float, tuple | N
     kernels = None if backend == "numpy" else _numba_kernels()
     if backend == "numba" and kernels is None:
         raise ValueError("backend='numba' requested but numba is not installed")
-    return mu1, kernels
+    return lam, mu1, kernels
 
 
 def _admm_tv(
