@@ -19,9 +19,10 @@ import tomli_w
 FieldmapMethod = Literal["nlfit", "linear", "waterfat", "inphase"]
 MaskType = Literal["brain", "body"]
 UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
-BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp"]
+BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp", "none"]
 InversionMethod = Literal[
-    "tv", "nltv", "medi", "l2medi", "tvmedi", "tgv", "rts", "ndi", "ilsqr", "l2", "tkd", "tsvd"
+    "tv", "nltv", "medi", "l2medi", "tvmedi", "tgv", "rts", "ndi", "ilsqr", "l2", "tkd", "tsvd",
+    "tfi",
 ]
 ReferenceMethod = Literal["mean", "csf", "roi", "water", "none"]
 LambdaRule = Literal["lcurve", "discrepancy"]
@@ -105,6 +106,14 @@ class WorkflowConfig:
                 "--reference water references to soft tissue of low fat fraction, which needs "
                 f"--fieldmap-method waterfat (got '{self.fieldmap_method}'); use --reference "
                 "mean or roi.")
+        total_field = self.inversion_method in inversion.TOTAL_FIELD_METHODS
+        if total_field != (self.bfr_method == "none"):
+            raise ConfigError(
+                f"--inversion-method {self.inversion_method} inverts the total field and needs "
+                "--bfr-method none" if total_field else
+                f"--bfr-method none leaves the background field in, which only a total field "
+                f"inversion models: use --inversion-method "
+                f"{' or '.join(inversion.TOTAL_FIELD_METHODS)} or a background removal method.")
         for step, registry, method, params in (
             ("inversion", inversion.METHODS, self.inversion_method, self.inversion_params),
             ("bfr", background.METHODS, self.bfr_method, self.bfr_params),

@@ -54,6 +54,9 @@ REFERENCES: dict[str, str] = {
     "using 3D EPI and total generalized variation. NeuroImage 2015;111:622-630.",
     "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
     "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
+    "tfi": "Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion "
+    "(TFI) method for quantitative susceptibility mapping. Magn Reson Med 2017;78:303-315.",
+    "none": "",
     "loglinear": "Weighted log-linear mono-exponential fit of the multi-echo magnitude.",
     "nlls": "Nonlinear least-squares mono-exponential fit of the multi-echo magnitude.",
     "arlo": "Pei M, et al. Algorithm for fast monoexponential fitting based on Auto-Regression "

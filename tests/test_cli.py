@@ -49,6 +49,23 @@ def test_usage_errors_exit_64(dataset, tmp_path, capsys):
     config, _ = parse_args([str(dataset), str(tmp_path / "out"), "participant", "--preset",
                             "body"])
     assert config.workflow.reference == "water" and config.workflow.mask_type == "body"
+    assert (config.workflow.bfr_method, config.workflow.inversion_method) == ("none", "tfi")
+
+
+def test_total_field_inversion_pairs_with_no_background_removal(dataset, tmp_path, capsys):
+    args = [str(dataset), str(tmp_path / "out"), "participant"]
+    # an explicit background removal (or local-field inversion) turns the body preset into
+    # two-step QSM
+    for extra, expected in ((["--bfr-method", "lbv"], ("lbv", "tv")),
+                            (["--inversion-method", "medi"], ("pdf", "medi"))):
+        config, _ = parse_args(args + ["--preset", "body", *extra])
+        assert (config.workflow.bfr_method, config.workflow.inversion_method) == expected
+    for extra, message in ((["--bfr-method", "none"], "only a total field inversion"),
+                           (["--inversion-method", "tfi"], "needs --bfr-method none")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(args + extra)
+        assert stop.value.code == 64
+        assert message in capsys.readouterr().err
 
 
 def test_options_map_to_config(dataset, tmp_path):

@@ -80,10 +80,11 @@ def init_ds_qsm_wf(
                                   "MagneticFieldStrength": round(b0_tesla, 6),
                                   "Description": "Spatially unwrapped phase (exact 2 pi "
                                   "multiples of the input where the unwrapper guarantees it)."})
-    ds_local = sink("ds_local_field", "localfield", field_fields + ["bfr_metadata"],
-                    metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
-                              "Description": "Local (tissue) field after background field "
-                              "removal."})
+    # without background removal (total field inversion) there is no local field to write
+    ds_local = None if options.bfr_method == "none" else sink(
+        "ds_local_field", "localfield", field_fields + ["bfr_metadata"],
+        metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                  "Description": "Local (tissue) field after background field removal."})
     ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
                        metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
                                  "Description": "Mask on which the local "
@@ -132,8 +133,9 @@ def init_ds_qsm_wf(
         (inputnode, ds_field, [("field_hz", "in_file")]),
         (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),
         (inputnode, ds_unwrapped, [("unwrapped_phase", "in_file")]),
-        (inputnode, ds_local, [("local_field_hz", "in_file")]),
         (inputnode, ds_qsm_mask, [("eroded_mask", "in_file")]),
         (inputnode, ds_chi, [("chi", "in_file")]),
     ])
+    if ds_local is not None:
+        workflow.connect(inputnode, "local_field_hz", ds_local, "in_file")
     return workflow

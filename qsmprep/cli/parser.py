@@ -137,9 +137,11 @@ def _echo_list(value: str) -> str:
 
 #: ``--preset``: workflow defaults per body region (explicit options win).
 PRESETS = {
-    "body": {"fieldmap_method": "waterfat", "mask_type": "body", "bfr_method": "pdf",
-             "bfr_erode_mm": 1.0, "inversion_method": "tv", "reference": "water"},
+    "body": {"fieldmap_method": "waterfat", "mask_type": "body", "bfr_method": "none",
+             "bfr_erode_mm": 0.0, "inversion_method": "tfi", "reference": "water"},
 }
+#: a preset's settings when --bfr-method names a background removal (two-step QSM)
+PRESET_TWO_STEP = {"body": {"bfr_method": "pdf", "inversion_method": "tv", "bfr_erode_mm": 1.0}}
 
 
 def _lambda(value: str) -> float | str:
@@ -425,7 +427,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         explicit = None
     if namespace.preset:
         given = explicit if explicit is not None else _explicit_dests(parser, argv)
-        for key, value in PRESETS[namespace.preset].items():
+        preset = dict(PRESETS[namespace.preset])
+        from qsmprep.recon.inversion import TOTAL_FIELD_METHODS
+
+        two_step = (
+            "workflow.bfr_method" in given and getattr(namespace, "workflow.bfr_method") != "none"
+        ) or ("workflow.inversion_method" in given and getattr(
+            namespace, "workflow.inversion_method") not in TOTAL_FIELD_METHODS)
+        if two_step:  # a background removal or local-field inversion was asked for
+            preset.update(PRESET_TWO_STEP.get(namespace.preset, {}))
+        for key, value in preset.items():
             if f"workflow.{key}" not in given:
                 setattr(config.workflow, key, value)
                 setattr(namespace, f"workflow.{key}", None)  # keep the preset value

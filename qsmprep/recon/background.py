@@ -12,6 +12,8 @@ Methods (METHODS.md section 3):
 - ``lbv``: Laplacian boundary value, a 7-point Poisson problem on the mask solved by CG
   preconditioned with a geometric multigrid V-cycle (numba) or, without numba, on a sparse
   matrix with an algebraic multilevel preconditioner.
+- ``none``: no removal; the total field on the mask, for total field inversion
+  (``inversion`` method "tfi"), which estimates the background sources itself.
 
 Every function takes the total field in ppm of B0 on the voxel grid ``[x, y, z]`` (values
 outside ``mask`` are ignored), the voxel size in mm and returns ``(local_ppm, mask_out)``:
@@ -42,6 +44,7 @@ __all__ = [
     "ismv",
     "lbv",
     "mask_bounding_box",
+    "no_removal",
     "pdf",
     "remove",
     "resharp",
@@ -1082,6 +1085,15 @@ def _lbv_solve_multigrid(f, interior, vox, *, tol: float, max_iter: int, kernels
     return x.astype(np.float32)
 
 
+def no_removal(
+    field_ppm: np.ndarray, mask: np.ndarray, *, voxel_size: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The total field on ``mask`` (zero outside, NaN set to 0) and ``mask``: the input of a
+    total field inversion, which models the background sources itself."""
+    field, mask, _ = _check_inputs(field_ppm, mask, voxel_size)
+    return field, mask.copy()
+
+
 # --------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------
@@ -1092,6 +1104,7 @@ METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "lbv": lbv,
     "resharp": resharp,
     "ismv": ismv,
+    "none": no_removal,
 }
 
 

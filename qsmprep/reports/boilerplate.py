@@ -164,6 +164,11 @@ BIBTEX: dict[str, str] = {
   title = {Rapid two-step dipole inversion for susceptibility mapping with sparsity priors},
   journal = {NeuroImage}, volume = {167}, pages = {276--283}, year = {2018},
   doi = {10.1016/j.neuroimage.2017.11.018}}""",
+    "tfi": """@article{tfi,
+  author = {Liu, Zhe and Kee, Youngwook and Zhou, Dong and Wang, Yi and Spincemaille, Pascal},
+  title = {Preconditioned total field inversion ({TFI}) method for quantitative susceptibility mapping},
+  journal = {Magnetic Resonance in Medicine}, volume = {78}, number = {1}, pages = {303--315},
+  year = {2017}, doi = {10.1002/mrm.26331}}""",
     "arlo": """@article{arlo,
   author = {Pei, Mengchao and Nguyen, Thanh D. and Thimmappa, Nanda D. and others},
   title = {Algorithm for fast monoexponential fitting based on Auto-Regression on Linear Operations ({ARLO}) of data},
@@ -213,6 +218,7 @@ METHOD_CITATIONS: dict[str, tuple[str, ...]] = {
     "tkd": ("tkd",), "tsvd": ("tsvd",), "l2": ("l2",), "tv": ("tv", "fansi"),
     "nltv": ("fansi",), "ilsqr": ("ilsqr",), "ndi": ("ndi",), "medi": ("medi", "medi0"),
     "l2medi": ("medi",), "tvmedi": ("medi", "nesta"), "tgv": ("tgv",), "rts": ("rts",),
+    "tfi": ("tfi", "fansi"),
     "arlo": ("arlo",), "csf": ("medi0",), "swi": ("swi",),
     "ismrm": ("fat_ismrm",), "ren_marrow": ("fat_marrow",),
 }
@@ -254,6 +260,10 @@ _INVERSION = {
     "l2": "closed-form Tikhonov (L2) regularised inversion [@l2]",
     "tkd": "truncated k-space division (TKD) [@tkd]",
     "tsvd": "truncated singular value decomposition of the dipole kernel (TSVD) [@tsvd]",
+    "tfi": "total field inversion [@tfi], with total-variation "
+    "regularisation on the voxels with signal only (the background sources outside the mask "
+    "and in signal voids such as cortical bone are left to the data), solved with the "
+    "alternating direction method of multipliers with noise-derived data weights [@fansi]",
 }
 _R2STAR = {
     "nlls": "a nonlinear least-squares mono-exponential fit of the multi-echo magnitude",
@@ -367,9 +377,16 @@ def describe_qsm(
                    if options.bfr_erode_mm else "")
         radius = (f" (largest kernel radius {options.vsharp_max_radius_mm:g} mm)"
                   if options.bfr_method == "vsharp" else "")
-        sentences.append(
-            f"Background fields were removed {erosion}by {_BFR[options.bfr_method]}{radius}"
-            + (f" with {bfr_params}" if bfr_params else "") + ".")
+        if options.bfr_method == "none":
+            eroded = (f" (eroded by {options.bfr_erode_mm:g} mm)" if options.bfr_erode_mm
+                      else "")
+            sentences.append(
+                "The background field was not removed beforehand: the inversion modelled the "
+                f"background sources outside the mask{eroded} together with the tissue.")
+        else:
+            sentences.append(
+                f"Background fields were removed {erosion}by {_BFR[options.bfr_method]}{radius}"
+                + (f" with {bfr_params}" if bfr_params else "") + ".")
         method = options.inversion_method
         lam = ""
         if options.lambda_rule:
@@ -387,7 +404,8 @@ def describe_qsm(
                  "mask came from the opposed-phase image |W - F|."
                  if options.study_weights and method in ("l2medi", "tvmedi") else "")
         sentences.append(
-            "Susceptibility maps were reconstructed from the local field with the dipole "
+            f"Susceptibility maps were reconstructed from the "
+            f"{'total' if options.bfr_method == 'none' else 'local'} field with the dipole "
             f"model [@dipole] by {_INVERSION[method]}{lam}"
             + (f" ({params})" if params else "") + "." + study)
         sentences.append(_REFERENCE[options.reference])

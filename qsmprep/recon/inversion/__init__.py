@@ -11,7 +11,8 @@ Methods (METHODS.md section 4), CLI names in brackets:
   (FANSI nlTV), ``ndi`` ["ndi"] (Polak et al. 2020), ``medi`` ["medi"] (Liu et al., with
   MEDI+0), ``l2_medi`` ["l2medi"] and ``tv_medi`` ["tvmedi"] (the calcaneus study's CG and
   Nesterov solvers), ``tgv`` ["tgv"] (Langkammer et al. 2015), ``rts`` ["rts"] (Kames
-  et al. 2018).
+  et al. 2018), ``tfi`` ["tfi"]: total field inversion (Liu Z et al. 2017) of the field
+  before background removal (``background`` method "none").
 
 All take the local field in ppm of B0 on ``[x, y, z]`` (values outside ``mask`` are
 ignored), the voxel size in mm and the unit B0 direction in voxel axes, and return float32
@@ -36,6 +37,8 @@ from .direct import DEFAULT_L2_LAMBDA, closed_form_l2, tkd, tsvd
 from .iterative import ilsqr, rts
 from .medi import edge_mask, l2_medi, medi, tv_medi
 from .nonlinear import ndi, nonlinear_tv, phase_scale
+from .tfi import signal_voids as tfi_signal_voids
+from .tfi import tfi
 from .tgv import tgv
 from .tv import DEFAULT_TV_LAMBDA, TV_LAMBDA_PER_NOISE, noise_scaled_lambda, tv_admm
 
@@ -44,6 +47,7 @@ __all__ = [
     "DEFAULT_TV_LAMBDA",
     "METHODS",
     "NOISE_SCALED_LAMBDA",
+    "TOTAL_FIELD_METHODS",
     "TV_LAMBDA_PER_NOISE",
     "default_lambda",
     "noise_scaled_lambda",
@@ -56,6 +60,8 @@ __all__ = [
     "nonlinear_tv",
     "phase_scale",
     "rts",
+    "tfi",
+    "tfi_signal_voids",
     "tgv",
     "tsvd",
     "tv_medi",
@@ -80,10 +86,13 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "tvmedi": tv_medi,
     "tgv": tgv,
     "rts": rts,
+    "tfi": tfi,
 }
 
 #: methods whose default ``lam`` is ``noise_scaled_lambda`` of the field noise map
-NOISE_SCALED_LAMBDA = ("tv", "nltv")
+NOISE_SCALED_LAMBDA = ("tv", "nltv", "tfi")
+#: methods that invert the total field (run with background removal "none")
+TOTAL_FIELD_METHODS = ("tfi",)
 
 
 def invert(

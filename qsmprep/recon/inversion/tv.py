@@ -201,19 +201,27 @@ def tv_admm(
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
     lam, mu1, kernels = _check_admm(lam, noise, mask, mu1, mu2, max_iter, tol, backend)
 
-    def linear_z2(f: np.ndarray, w2: np.ndarray) -> Z2Step:
-        # z2 = (W^2 f + mu2 (D chi + s2)) / (W^2 + mu2), fused with the dual update
+    return _admm_tv(
+        field, mask, vox, b0, weight=data_weights(mask, magnitude, noise), magnitude=magnitude,
+        lam=lam, mu1=mu1, mu2=mu2, max_iter=max_iter, tol=tol, edge_fraction=edge_fraction,
+        edge_weight=edge_weight, pad_fraction=pad_fraction, kernels=kernels,
+        z2_step=linear_z2_step(mu2, kernels), label="TV-ADMM",
+    )
+
+
+def linear_z2_step(
+    mu2: float, kernels: tuple | None
+) -> Callable[[np.ndarray, np.ndarray], Z2Step]:
+    """The data-term step of linear TV: ``z2 = (W^2 f + mu2 (D chi + s2)) / (W^2 + mu2)``,
+    fused with the dual update (``f``, ``w2``: padded field and squared weights)."""
+
+    def build(f: np.ndarray, w2: np.ndarray) -> Z2Step:
         c_t = (np.float32(mu2) / (w2 + np.float32(mu2))).astype(np.float32)
         c_f = (w2 * f / (w2 + np.float32(mu2))).astype(np.float32)
         update = kernels[2] if kernels is not None else _np_z2_update
         return lambda dchi, s2: update(dchi, s2, c_f, c_t)
 
-    return _admm_tv(
-        field, mask, vox, b0, weight=data_weights(mask, magnitude, noise), magnitude=magnitude,
-        lam=lam, mu1=mu1, mu2=mu2, max_iter=max_iter, tol=tol, edge_fraction=edge_fraction,
-        edge_weight=edge_weight, pad_fraction=pad_fraction, kernels=kernels,
-        z2_step=linear_z2, label="TV-ADMM",
-    )
+    return build
 
 
 def noise_scaled_lambda(
@@ -282,11 +290,15 @@ def _admm_tv(
     kernels: tuple | None,
     z2_step: Callable[[np.ndarray, np.ndarray], Z2Step],
     label: str,
+    tv_weight: np.ndarray | None = None,
+    outside_weight: float = 1.0,
 ) -> np.ndarray:
     """The ADMM iterations shared by the TV inversions (arguments checked by the caller).
 
     ``z2_step(f, w2)`` (padded field and squared weights) builds the data-term step, the
-    only part in which linear and nonlinear TV differ. Returns float32 chi, zero outside.
+    only part in which linear and nonlinear TV differ. ``tv_weight`` (mask voxels) and
+    ``outside_weight`` (the rest of the padded grid) multiply the TV weight ``G`` voxel-wise
+    (with the edge weights, if any). Returns float32 chi, zero outside.
     """
     grid = _Grid(mask, pad_fraction)
     shape = grid.shape
@@ -296,15 +308,16 @@ def _admm_tv(
     inside = grid.embed(mask, dtype=bool)
     thr = np.float32(lam / mu1)
     thr_map = np.zeros((1, 1, 1), dtype=np.float32)
-    use_map = edge_fraction is not None
+    use_map = edge_fraction is not None or tv_weight is not None or outside_weight != 1.0
     if use_map:
-        if magnitude is None:
-            raise ValueError("edge_fraction needs a magnitude image")
-        g = edge_weights(
-            magnitude, mask, voxel_size=vox, edge_fraction=edge_fraction, edge_weight=edge_weight
-        )
+        g = np.ones(mask.shape, dtype=np.float32) if tv_weight is None else tv_weight
+        if edge_fraction is not None:
+            if magnitude is None:
+                raise ValueError("edge_fraction needs a magnitude image")
+            g = g * edge_weights(magnitude, mask, voxel_size=vox, edge_fraction=edge_fraction,
+                                 edge_weight=edge_weight)
         thr_map = grid.embed(g)
-        thr_map[~inside] = 1.0
+        thr_map[~inside] = outside_weight
         thr_map *= thr
 
     d = dipole_kernel(shape, vox, b0)
