@@ -430,13 +430,23 @@ def grid_residuals(
     return cost, index, energy
 
 
+#: voxels per block of the candidate search (its temporaries take ~25 bytes per grid point)
+CANDIDATE_CHUNK = 32768
+
+
 def _candidates(
     cost: np.ndarray, index: np.ndarray, psis: np.ndarray, r2s: np.ndarray, n_candidates: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lowest periodic local minima over psi: (N, K) psi (Hz), residual, R2* (1/s).
 
     Missing minima have residual ``inf``; the global minimum is always the first candidate.
+    Computed in blocks of ``CANDIDATE_CHUNK`` voxels.
     """
+    if cost.shape[0] > CANDIDATE_CHUNK:
+        blocks = [_candidates(cost[a:a + CANDIDATE_CHUNK], index[a:a + CANDIDATE_CHUNK],
+                              psis, r2s, n_candidates)
+                  for a in range(0, cost.shape[0], CANDIDATE_CHUNK)]
+        return tuple(np.concatenate(parts) for parts in zip(*blocks))
     step = float(psis[1] - psis[0])
     left = np.roll(cost, 1, axis=1)
     right = np.roll(cost, -1, axis=1)
