@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_choice(get_args(BackgroundMethod)), metavar=_metavar(BackgroundMethod), default=wf.bfr_method,
                    help="background field removal: vsharp (variable-radius SHARP), pdf "
                    "(projection onto dipole fields), lbv (Laplacian boundary value), resharp "
-                   "(Tikhonov SHARP), ismv (iterative SMV), sharp")
+                   "(Tikhonov SHARP), ismv (iterative SMV), sharp, none (keep the total "
+                   "field: only with --inversion-method tfi)")
     g.add_argument(*_aliases("--bfr-erode-mm"), dest="workflow.bfr_erode_mm",
                    type=_non_negative_float, default=wf.bfr_erode_mm, metavar="MM",
                    help="erode the brain mask by this much before background field removal: "
@@ -321,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(nonlinear TV), medi (MEDI, L1 with edge mask), l2medi / tvmedi (the "
                    "calcaneus study's L2-MEDI by CG and TV-MEDI by Nesterov), tgv, rts, ndi "
                    "(nonlinear dipole inversion), ilsqr, l2 (closed-form Tikhonov), tkd / "
-                   "tsvd (truncated k-space division / SVD)")
+                   "tsvd (truncated k-space division / SVD), tfi (total field inversion of "
+                   "the field without background removal: --bfr-method none; the body "
+                   "preset's default)")
     g.add_argument("--lambda", "--inversion-lambda", "--inversion_lambda", dest="lambda_value",
                    type=_lambda, metavar="LAMBDA|auto",
                    help="regularisation weight of the inversion, or 'auto' to choose it per "
-                   "acquisition (see --lambda-rule); default: the method's measured default")
+                   "acquisition (see --lambda-rule); default: 0.15 x the median field noise "
+                   "(ppm) for tv, nltv and tfi, else the method's measured default")
     g.add_argument(*_aliases("--lambda-rule"), dest="workflow.lambda_rule",
                    type=_choice(get_args(LambdaRule)), metavar=_metavar(LambdaRule),
                    help="rule of --lambda auto: discrepancy (weighted residual = noise level; "
