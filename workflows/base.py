@@ -62,7 +62,8 @@ def init_single_acquisition_wf(
     name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
     workflow = pe.Workflow(name=name)
     voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
-    memory = NodeMemory(voxels, len(acquisition.echoes))
+    memory = NodeMemory(voxels, len(acquisition.echoes),
+                        body=config.workflow.mask_type == "body")
     qsm_wf = init_qsm_wf(
         echo_times=acquisition.echo_times,
         b0_tesla=acquisition.b0_tesla,
