@@ -5,7 +5,7 @@ shell without signal (-2.2 ppm), marrow of three trabecular densities and fat ar
 Measured trabecular ROI means minus muscle, max |error| over the three ROIs (ppm), from the
 true total field with the cortex as a signal void: TFI 0.002; PDF + TV 0.43 (PDF removes
 ~40% of the tissue's own field here); TFI with full TV weight on the background sources
-(source_weight 1) 0.21. (Through the CLI from the simulated echoes: TFI 0.036.)
+(source_weight 1) 0.20. (Through the CLI from the simulated echoes: TFI 0.032.)
 """
 
 from __future__ import annotations
