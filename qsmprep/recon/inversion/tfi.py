@@ -87,8 +87,8 @@ def tfi(
     mu2, edge_fraction, edge_weight, backend : as ``tv_admm``.
     max_iter, tol : ADMM stops after ``max_iter`` iterations or at a relative chi change
         below ``tol``; the background sources converge more slowly than the tissue (leg
-        phantom, trabecular ROI error 0.074 / 0.048 / 0.036 / 0.030 ppm after 150 / 300 /
-        500 / 1000 iterations).
+        phantom with mu1 = 300 lam, trabecular ROI error 0.074 / 0.048 / 0.036 / 0.030 ppm
+        after 150 / 300 / 500 / 1000 iterations).
     pad_fraction : margin for background sources around the mask's bounding box.
 
     Returns float32 chi (ppm) in ``mask`` (the voids hold their source estimate), zero
@@ -109,6 +109,5 @@ def tfi(
         field, mask, vox, b0, weight=weight, magnitude=magnitude, lam=lam, mu1=mu1, mu2=mu2,
         max_iter=max_iter, tol=tol, edge_fraction=edge_fraction, edge_weight=edge_weight,
         pad_fraction=pad_fraction, kernels=kernels, z2_step=linear_z2_step(mu2, kernels),
-        label="TFI",
-        tv_weight=tv_weight, outside_weight=float(source_weight),
+        label="TFI", tv_weight=tv_weight, outside_weight=float(source_weight),
     )
