@@ -114,6 +114,12 @@ class WorkflowConfig:
                 f"--bfr-method none leaves the background field in, which only a total field "
                 f"inversion models: use --inversion-method "
                 f"{' or '.join(inversion.TOTAL_FIELD_METHODS)} or a background removal method.")
+        if total_field and self.lambda_rule:
+            raise ConfigError(
+                f"--lambda auto is not available for --inversion-method "
+                f"{self.inversion_method}: its rules compare the fit with the field, and the "
+                "map of a total field inversion leaves out the background sources it fitted; "
+                "give --lambda a value or keep the noise-scaled default.")
         for step, registry, method, params in (
             ("inversion", inversion.METHODS, self.inversion_method, self.inversion_params),
             ("bfr", background.METHODS, self.bfr_method, self.bfr_params),

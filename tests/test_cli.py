@@ -61,7 +61,8 @@ def test_total_field_inversion_pairs_with_no_background_removal(dataset, tmp_pat
         config, _ = parse_args(args + ["--preset", "body", *extra])
         assert (config.workflow.bfr_method, config.workflow.inversion_method) == expected
     for extra, message in ((["--bfr-method", "none"], "only a total field inversion"),
-                           (["--inversion-method", "tfi"], "needs --bfr-method none")):
+                           (["--inversion-method", "tfi"], "needs --bfr-method none"),
+                           (["--preset", "body", "--lambda", "auto"], "--lambda auto is not")):
         with pytest.raises(SystemExit) as stop:
             parse_args(args + extra)
         assert stop.value.code == 64
