@@ -15,6 +15,7 @@ import pytest
 import scipy.fft
 
 from qsmprep.recon import background, inversion
+from qsmprep.recon.inversion import lambda_choice
 from qsmprep.simulate import body
 
 TE = tuple(1.25e-3 + 0.9e-3 * n for n in range(6))
@@ -79,6 +80,8 @@ def test_tfi_voids_parameters_and_errors(leg):
         inversion.tfi(total, mask, source_weight=-1.0, **kw)
     with pytest.raises(ValueError, match="void_fraction"):
         inversion.tfi(total, mask, void_fraction=1.5, **kw)
+    with pytest.raises(ValueError, match="inverts the total field"):
+        lambda_choice.discrepancy(total, mask, method="tfi", **kw)
     # the total field is its own input: background removal "none" passes it through
     passed, same_mask = background.remove(total, mask, voxel_size=(2.0, 2.0, 2.0),
                                           b0_direction=(0.0, 0.0, 1.0), method="none")

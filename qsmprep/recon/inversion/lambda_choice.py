@@ -72,6 +72,16 @@ def _methods() -> dict[str, Callable[..., np.ndarray]]:
     return METHODS
 
 
+def _check_local_field_method(method: str) -> None:
+    from . import TOTAL_FIELD_METHODS
+
+    if method in TOTAL_FIELD_METHODS:
+        raise ValueError(
+            f"method {method!r} inverts the total field: its returned chi leaves out the "
+            "background sources it fitted, so the residual of a lambda rule is meaningless; "
+            "choose lam yourself")
+
+
 def _lambda_grid(lambdas, method: str, noise=None, mask=None) -> np.ndarray:
     """``lambdas`` validated, or the default grid: ``DEFAULT_L2_LAMBDAS`` for "l2", else
     the lam ``method`` would run with (``default_lambda``: noise-scaled for TV) times
@@ -272,6 +282,7 @@ def lcurve(
     ``noise`` to those that take them. Returns a ``LambdaChoice``.
     """
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
+    _check_local_field_method(method)
     kind = _method_regulariser(method, params, regulariser_norm)
     if method == "l2":
         lam_grid = _lambda_grid(lambdas, "l2")
@@ -366,6 +377,7 @@ def discrepancy(
     ``target`` is ``tau sqrt(N)``.
     """
     field, mask, vox, b0 = _check(local_ppm, mask, voxel_size, b0_direction)
+    _check_local_field_method(method)
     if not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be > 0, got {tau}")
     sigma = np.asarray(noise, dtype=np.float64)
