@@ -87,3 +87,22 @@ def test_tfi_voids_parameters_and_errors(leg):
                                           b0_direction=(0.0, 0.0, 1.0), method="none")
     np.testing.assert_array_equal(passed, np.where(mask, total, 0).astype(np.float32))
     np.testing.assert_array_equal(same_mask, mask)
+
+
+def test_tfi_warm_start_on_a_brain():
+    """On the brain phantom (tests/_phantoms.py: skull and sinus sources outside the mask)
+    measured whole-mask NRMSE after 150 iterations: 90.8% from zero, 34.2% from PDF's
+    sources (500: 30.1 / 28.2%); on the voxels iSMV keeps, TFI 24.4% vs iSMV + TV 53.1%."""
+    from _phantoms import brain_phantom
+    from qsmprep.analysis.metrics import nrmse
+
+    p = brain_phantom(shape=(64, 64, 64), voxel_size=(2.0, 2.0, 2.0))
+    f = p.total(noise=True)
+    kw = dict(voxel_size=p.voxel_size, b0_direction=p.b0_direction, noise=p.noise_std)
+    cold = nrmse(inversion.tfi(f, p.mask, max_iter=150, **kw), p.chi, p.mask)
+    warm_chi = inversion.tfi(f, p.mask, max_iter=150, warm_start=True, **kw)
+    assert nrmse(warm_chi, p.chi, p.mask) < 45.0 < 75.0 < cold
+    local, kept = background.remove(f, p.mask, method="ismv", voxel_size=p.voxel_size,
+                                    b0_direction=p.b0_direction)
+    two_step = nrmse(inversion.tv_admm(local, kept, **kw), p.chi, kept)
+    assert nrmse(warm_chi, p.chi, kept) < two_step

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,12 +41,14 @@ LOGGER = logging.getLogger("qsmprep")
 
 __all__ = [
     "METHODS",
+    "PdfSolution",
     "image_dipole_kernel",
     "ismv",
     "lbv",
     "mask_bounding_box",
     "no_removal",
     "pdf",
+    "pdf_sources",
     "remove",
     "resharp",
     "sharp",
@@ -684,12 +687,50 @@ def pdf(
         )
     if kernel not in ("kspace", "image"):
         raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
+    solution = _pdf_solve(field, mask, vox, b0, weight=weight, tol=tol, max_iter=max_iter,
+                          stall_tol=stall_tol, pad=int(pad), kernel=kernel)
+    box = mask_bounding_box(mask)
+    core = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, solution.origin))
+    local = np.where(mask[box], field[box] - solution.field[core], 0).astype(np.float32)
+    return _uncrop(local, box, mask.shape), mask.copy()
+
+
+@dataclass(frozen=True)
+class PdfSolution:
+    """PDF's background sources ``chi`` (ppm) and their field ``field`` (ppm) on its padded
+    grid, whose voxel 0 is the input volume's voxel ``origin`` (may be negative)."""
+
+    chi: np.ndarray
+    field: np.ndarray
+    origin: tuple[int, int, int]
+
+
+def pdf_sources(
+    field_ppm: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    b0_direction: Sequence[float],
+    weight: np.ndarray | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    stall_tol: float = 3e-4,
+    pad: int = 40,
+) -> PdfSolution:
+    """The background sources PDF fits (see ``pdf``; k-space kernel), e.g. to start a
+    total field inversion."""
+    field, mask, vox = _check_inputs(field_ppm, mask, voxel_size)
+    return _pdf_solve(field, mask, vox, _check_b0(b0_direction), weight=weight, tol=tol,
+                      max_iter=max_iter, stall_tol=stall_tol, pad=int(pad), kernel="kspace")
+
+
+def _pdf_solve(field, mask, vox, b0, *, weight, tol, max_iter, stall_tol, pad, kernel):
+    """CG of ``pdf`` on checked inputs; returns the ``PdfSolution``."""
     w_full = _normalised_weight(weight, mask)
 
     box = mask_bounding_box(mask)
     f = field[box]
     m = mask[box]
-    pad = int(pad)
     shape = padded_shape(f.shape, 2 * pad)
     offset = [(s - n) // 2 for s, n in zip(shape, f.shape)]
     m_pad = _embed(m, shape, offset)
@@ -730,10 +771,9 @@ def pdf(
     LOGGER.debug(
         "PDF: %d CG iterations, relative residual %.2e", it, np.sqrt(rr / max(rr0, 1e-300))
     )
-    background = conv(x)
-    core = tuple(slice(o, o + n) for o, n in zip(offset, f.shape))
-    local = np.where(m, f - background[core], 0).astype(np.float32)
-    return _uncrop(local, box, mask.shape), mask.copy()
+    box_start = [b.start for b in box]
+    return PdfSolution(chi=x, field=conv(x),
+                       origin=tuple(int(b - o) for b, o in zip(box_start, offset)))
 
 
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from ._common import _check, data_weights
+from qsmprep.recon.background import PdfSolution, pdf_sources
+
+from ._common import _check, _Grid, data_weights
 from .tv import (
     DEFAULT_TV_MU2, _admm_tv, _check_admm, linear_z2_step, noise_scaled_lambda,
 )
@@ -68,6 +70,7 @@ def tfi(
     edge_fraction: float | None = None,
     edge_weight: float = 0.1,
     pad_fraction: float = DEFAULT_TFI_PAD_FRACTION,
+    warm_start: bool = False,
     backend: Literal["auto", "numba", "numpy"] = "auto",
 ) -> np.ndarray:
     """Total field inversion by weighted-TV ADMM (see the module docstring).
@@ -90,6 +93,14 @@ def tfi(
         phantom with mu1 = 300 lam, trabecular ROI error 0.074 / 0.048 / 0.036 / 0.030 ppm
         after 150 / 300 / 500 / 1000 iterations).
     pad_fraction : margin for background sources around the mask's bounding box.
+    warm_start : start the background sources from PDF's fit (``pdf_sources`` with the data
+        weights; ~5 s at 1.5 mm). ADMM moves the free sources slowly (see
+        ``TFI_MU1_FACTOR``), which matters at a brain's boundary: RC2 head, 1.5 mm, 3 T,
+        250 / 500 iterations, NRMSE on the whole 3 mm-eroded mask 135 / 73% from zero,
+        33.5 / 32.7% from PDF's sources (on the voxels iSMV keeps 23%; iSMV + TV 33.6%). But
+        PDF's sources carry part of the tissue field, which stays: on the legs the trabecular
+        ROI error rose 0.031 -> 0.055 ppm (48 mm) and 0.009 -> 0.033 (96 mm, true field), so
+        it is off by default (body data).
 
     Returns float32 chi (ppm) in ``mask`` (the voids hold their source estimate), zero
     outside. Like every inversion, its mean is arbitrary: reference it.
@@ -105,9 +116,27 @@ def tfi(
     weight = data_weights(mask, magnitude, noise)
     voids = signal_voids(weight, mask, void_fraction)
     tv_weight = np.where(voids, np.float32(source_weight), np.float32(1.0))
+    chi0 = None
+    if warm_start:
+        sources = pdf_sources(field, mask, voxel_size=vox, b0_direction=b0, weight=weight)
+        chi0 = _on_grid(sources, _Grid(mask, pad_fraction))
     return _admm_tv(
         field, mask, vox, b0, weight=weight, magnitude=magnitude, lam=lam, mu1=mu1, mu2=mu2,
         max_iter=max_iter, tol=tol, edge_fraction=edge_fraction, edge_weight=edge_weight,
         pad_fraction=pad_fraction, kernels=kernels, z2_step=linear_z2_step(mu2, kernels),
-        label="TFI", tv_weight=tv_weight, outside_weight=float(source_weight),
+        label="TFI", tv_weight=tv_weight, outside_weight=float(source_weight), chi0=chi0,
     )
+
+
+def _on_grid(sources: PdfSolution, grid: _Grid) -> np.ndarray:
+    """PDF's sources copied onto the inversion's padded grid (zero where it has none)."""
+    out = np.zeros(grid.shape, dtype=np.float32)
+    src, dst = [], []
+    for axis in range(3):
+        start = grid.box[axis].start - grid.offset[axis]  # volume index of grid voxel 0
+        lo = max(sources.origin[axis], start)
+        hi = min(sources.origin[axis] + sources.chi.shape[axis], start + grid.shape[axis])
+        src.append(slice(lo - sources.origin[axis], hi - sources.origin[axis]))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = sources.chi[tuple(src)]
+    return out

@@ -292,13 +292,15 @@ def _admm_tv(
     label: str,
     tv_weight: np.ndarray | None = None,
     outside_weight: float = 1.0,
+    chi0: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ADMM iterations shared by the TV inversions (arguments checked by the caller).
 
     ``z2_step(f, w2)`` (padded field and squared weights) builds the data-term step, the
     only part in which linear and nonlinear TV differ. ``tv_weight`` (mask voxels) and
     ``outside_weight`` (the rest of the padded grid) multiply the TV weight ``G`` voxel-wise
-    (with the edge weights, if any). Returns float32 chi, zero outside.
+    (with the edge weights, if any). ``chi0``: a start on the padded grid
+    (``_Grid(mask, pad_fraction)``; default 0). Returns float32 chi, zero outside.
     """
     grid = _Grid(mask, pad_fraction)
     shape = grid.shape
@@ -338,6 +340,13 @@ def _admm_tv(
     w = f.copy()  # z2 - s2, starting from z2 = f
     v = np.empty(shape, dtype=np.float32)
     chi_prev = np.zeros(shape, dtype=np.float32)
+    if chi0 is not None:  # z1 = grad chi0, z2 = D chi0, zero duals
+        if chi0.shape != shape:
+            raise ValueError(f"chi0 has shape {chi0.shape}, the padded grid {shape}")
+        chi_prev[...] = chi0
+        for axis in range(3):
+            u[axis] = (np.roll(chi_prev, -1, axis=axis) - chi_prev) * inv_d[axis]
+        w = scipy.fft.irfftn(scipy.fft.rfftn(chi_prev) * d, s=shape).astype(np.float32)
     scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
     it, change = 0, np.inf
     for it in range(1, int(max_iter) + 1):
