@@ -562,6 +562,34 @@ def _choose(curve, psis, target, period, fat_hz, smoothness):
     return np.argmin(total, axis=1)
 
 
+def _residual_pyramid(cost, energy, mask, voxel_size, max_levels):
+    """Levels ``(mask, downsampled axes, voxel size)``, relative residual curves and signal
+    energies of a pyramid of 2x2x2 block sums (at most ``max_levels``; level 0 the voxels):
+    a block's curve is the energy-weighted sum of its voxels' curves over its energy."""
+    levels = [(mask, None, tuple(voxel_size))]
+    curves = [cost]
+    energies = [energy]
+    if max_levels > 1:
+        dense = np.zeros(mask.shape + (cost.shape[1],), dtype=np.float32)
+        dense[mask] = cost * energy[:, None]
+        dense_energy = np.zeros(mask.shape, dtype=np.float32)
+        dense_energy[mask] = energy
+        m, sizes = mask, levels[0][2]
+        while len(levels) < max_levels:
+            axes = [n > 6 for n in m.shape]
+            if not any(axes) or np.count_nonzero(m) < 64:
+                break
+            dense, m_new = _downsample(dense, m, axes)
+            dense_energy, _ = _downsample(dense_energy, m, axes)
+            m = m_new
+            sizes = tuple(v * (2.0 if a else 1.0) for v, a in zip(sizes, axes))
+            levels.append((m, axes, sizes))
+            level_energy = dense_energy[m]
+            curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
+            energies.append(level_energy)
+    return levels, curves, energies
+
+
 def regularized_field(
     signal: np.ndarray,
     mask: np.ndarray,
@@ -589,31 +617,12 @@ def regularized_field(
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
-    levels = [(mask, None)]
-    curves = [cost]
-    energies = [energy]
-    if max_levels > 1:
-        dense = np.zeros(mask.shape + (psis.size,), dtype=np.float32)
-        dense[mask] = cost * energy[:, None]
-        dense_energy = np.zeros(mask.shape, dtype=np.float32)
-        dense_energy[mask] = energy
-        m = mask
-        while len(levels) < max_levels:
-            axes = [n > 6 for n in m.shape]
-            if not any(axes) or np.count_nonzero(m) < 64:
-                break
-            dense, m_new = _downsample(dense, m, axes)
-            dense_energy, _ = _downsample(dense_energy, m, axes)
-            m = m_new
-            levels.append((m, axes))
-            level_energy = dense_energy[m]
-            curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
-            energies.append(level_energy)
-        del dense, dense_energy
+    levels, curves, energies = _residual_pyramid(cost, energy, mask, (1.0, 1.0, 1.0),
+                                                 max_levels)
     prior = None
     psis32 = psis.astype(np.float32)
     for level in range(len(levels) - 1, -1, -1):
-        m, axes = levels[level]
+        m, axes, _ = levels[level]
         curve = curves[level]
         weight = np.sqrt(np.maximum(energies[level], 0)) * (
             _confidence(curve, psis, r2s, n_candidates) + 0.02)
@@ -897,29 +906,9 @@ def graphcut_field(
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
     scale = float(np.median(energy[energy > 0])) if np.any(energy > 0) else 1.0
-    levels = [(mask, None, tuple(float(v) for v in voxel_size))]
-    curves = [cost]
-    energies = [energy / scale]
-    if max_levels > 1:
-        dense = np.zeros(mask.shape + (psis.size,), dtype=np.float32)
-        dense[mask] = cost * energy[:, None]
-        dense_energy = np.zeros(mask.shape, dtype=np.float32)
-        dense_energy[mask] = energy
-        m = mask
-        sizes = levels[0][2]
-        while len(levels) < max_levels:
-            axes = [n > 6 for n in m.shape]
-            if not any(axes) or np.count_nonzero(m) < 64:
-                break
-            dense, m_new = _downsample(dense, m, axes)
-            dense_energy, _ = _downsample(dense_energy, m, axes)
-            m = m_new
-            sizes = tuple(v * (2.0 if a else 1.0) for v, a in zip(sizes, axes))
-            levels.append((m, axes, sizes))
-            level_energy = dense_energy[m]
-            curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
-            energies.append(level_energy / scale)
-        del dense, dense_energy
+    levels, curves, energies = _residual_pyramid(
+        cost, energy, mask, tuple(float(v) for v in voxel_size), max_levels)
+    energies = [level_energy / scale for level_energy in energies]
     lam = GRAPHCUT_SCALE * float(smoothness) / float(fat_hz) ** 2
     # pair weights of every level (docstring): edge-stopping for the coarse levels, plain
     # signal weights for the local ones; coarse pairs sum the fine pairs between blocks
