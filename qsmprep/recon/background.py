@@ -676,19 +676,10 @@ def pdf(
     -------
     local_ppm : float32 local field (ppm), zero outside ``mask``; and ``mask``.
     """
-    field, mask, vox = _check_inputs(field_ppm, mask, voxel_size)
-    b0 = _check_b0(b0_direction)
-    if int(pad) < 0:
-        raise ValueError(f"pad must be >= 0 voxels, got {pad}")
-    if tol <= 0 or max_iter < 1 or stall_tol < 0:
-        raise ValueError(
-            f"tol must be > 0, max_iter >= 1 and stall_tol >= 0, got {tol}, {max_iter}, "
-            f"{stall_tol}"
-        )
-    if kernel not in ("kspace", "image"):
-        raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
-    solution = _pdf_solve(field, mask, vox, b0, weight=weight, tol=tol, max_iter=max_iter,
-                          stall_tol=stall_tol, pad=int(pad), kernel=kernel)
+    solution = pdf_sources(field_ppm, mask, voxel_size=voxel_size, b0_direction=b0_direction,
+                           weight=weight, tol=tol, max_iter=max_iter, stall_tol=stall_tol,
+                           pad=pad, kernel=kernel)
+    field, mask, _ = _check_inputs(field_ppm, mask, voxel_size)
     box = mask_bounding_box(mask)
     core = tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, solution.origin))
     local = np.where(mask[box], field[box] - solution.field[core], 0).astype(np.float32)
@@ -716,16 +707,22 @@ def pdf_sources(
     max_iter: int = 100,
     stall_tol: float = 3e-4,
     pad: int = 40,
+    kernel: str = "kspace",
 ) -> PdfSolution:
-    """The background sources PDF fits (see ``pdf``; k-space kernel), e.g. to start a
+    """The background sources that ``pdf`` fits (parameters as there), e.g. to start a
     total field inversion."""
     field, mask, vox = _check_inputs(field_ppm, mask, voxel_size)
-    return _pdf_solve(field, mask, vox, _check_b0(b0_direction), weight=weight, tol=tol,
-                      max_iter=max_iter, stall_tol=stall_tol, pad=int(pad), kernel="kspace")
-
-
-def _pdf_solve(field, mask, vox, b0, *, weight, tol, max_iter, stall_tol, pad, kernel):
-    """CG of ``pdf`` on checked inputs; returns the ``PdfSolution``."""
+    b0 = _check_b0(b0_direction)
+    if int(pad) < 0:
+        raise ValueError(f"pad must be >= 0 voxels, got {pad}")
+    if tol <= 0 or max_iter < 1 or stall_tol < 0:
+        raise ValueError(
+            f"tol must be > 0, max_iter >= 1 and stall_tol >= 0, got {tol}, {max_iter}, "
+            f"{stall_tol}"
+        )
+    if kernel not in ("kspace", "image"):
+        raise ValueError(f"kernel must be 'kspace' or 'image', got {kernel!r}")
+    pad = int(pad)
     w_full = _normalised_weight(weight, mask)
 
     box = mask_bounding_box(mask)
