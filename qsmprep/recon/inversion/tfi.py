@@ -33,9 +33,7 @@ import numpy as np
 from qsmprep.recon.background import PdfSolution, pdf_sources
 
 from ._common import _check, _Grid, data_weights
-from .tv import (
-    DEFAULT_TV_MU2, _admm_tv, _check_admm, linear_z2_step, noise_scaled_lambda,
-)
+from .tv import DEFAULT_TV_MU2, _admm_tv, _check_admm, linear_z2_step
 
 #: margin of background sources around the mask's box (fraction per axis; cut axes 1.0)
 DEFAULT_TFI_PAD_FRACTION = 0.5
@@ -110,9 +108,8 @@ def tfi(
         raise ValueError(f"source_weight must be >= 0, got {source_weight}")
     if not 0.0 <= void_fraction < 1.0:
         raise ValueError(f"void_fraction must be in [0, 1), got {void_fraction}")
-    lam = noise_scaled_lambda(noise, mask) if lam is None else lam
-    mu1 = TFI_MU1_FACTOR * lam if mu1 is None and lam > 0 else mu1
-    lam, mu1, kernels = _check_admm(lam, noise, mask, mu1, mu2, max_iter, tol, backend)
+    lam, mu1, kernels = _check_admm(lam, noise, mask, mu1, mu2, max_iter, tol, backend,
+                                    mu1_factor=TFI_MU1_FACTOR)
     weight = data_weights(mask, magnitude, noise)
     voids = signal_voids(weight, mask, void_fraction)
     tv_weight = np.where(voids, np.float32(source_weight), np.float32(1.0))

@@ -251,14 +251,14 @@ def noise_scaled_lambda(
 
 
 def _check_admm(
-    lam, noise, mask, mu1, mu2, max_iter, tol, backend
+    lam, noise, mask, mu1, mu2, max_iter, tol, backend, mu1_factor=DEFAULT_TV_MU1_FACTOR
 ) -> tuple[float, float, tuple | None]:
-    """Validated ``lam`` (default ``noise_scaled_lambda``), ``mu1`` (default ``300 lam``) and
-    the numba kernels of the backend."""
+    """Validated ``lam`` (default ``noise_scaled_lambda``), ``mu1`` (default
+    ``mu1_factor x lam``) and the numba kernels of the backend."""
     lam = noise_scaled_lambda(noise, mask) if lam is None else lam
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    mu1 = DEFAULT_TV_MU1_FACTOR * lam if mu1 is None else float(mu1)
+    mu1 = mu1_factor * lam if mu1 is None else float(mu1)
     if not (mu1 > 0 and mu2 > 0):
         raise ValueError(f"mu1 and mu2 must be > 0, got {mu1}, {mu2}")
     if int(max_iter) < 1 or not tol >= 0:
