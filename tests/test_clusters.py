@@ -185,10 +185,7 @@ def test_array_script_refuses_bad_submissions(dataset, tmp_path):
 
 
 def test_array_script_memory_per_cpu_and_plain_list(dataset, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(FAKE_APPTAINER)
-    (bin_dir / "apptainer").chmod(0o755)
+    bin_dir = _fake_apptainer(tmp_path)
     listing = tmp_path / "participants.txt"
     listing.write_text("# cohort A\nsub-01\n\n  02  \r\n")
     log = tmp_path / "args"
@@ -203,6 +200,15 @@ def test_array_script_memory_per_cpu_and_plain_list(dataset, tmp_path):
     assert args[args.index("--nprocs") + 1] == "3" and args[args.index("--mem") + 1] == "2700"
     assert args[-1] == "--swi"
     assert not list((tmp_path / "scratch").iterdir())  # work dir removed
+
+
+def _fake_apptainer(tmp_path) -> Path:
+    """A folder holding the ``apptainer`` stand-in below (put it first on PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(FAKE_APPTAINER)
+    (bin_dir / "apptainer").chmod(0o755)
+    return bin_dir
 
 
 FAKE_APPTAINER = """#!/bin/bash
@@ -223,10 +229,7 @@ def test_array_script_container_route_with_participants_tsv(dataset, tmp_path):
     """Task 2 of a participants.tsv runs sub-02 through `apptainer run --cleanenv` with
     the dataset bound read-only, a node-local work dir (removed afterwards) and --nprocs
     from SLURM_CPUS_PER_TASK."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(FAKE_APPTAINER)
-    (bin_dir / "apptainer").chmod(0o755)
+    bin_dir = _fake_apptainer(tmp_path)
     table = tmp_path / "participants.tsv"
     table.write_text("participant_id\tage\nsub-01\t30\nsub-02\t41\n")
     node_local, out, log = tmp_path / "scratch", tmp_path / "out", tmp_path / "apptainer.args"
