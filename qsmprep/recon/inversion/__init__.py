@@ -140,7 +140,7 @@ def default_lambda(
     method: str, noise: np.ndarray | float | None = None, mask: np.ndarray | None = None
 ) -> float | None:
     """The ``lam`` that ``method`` runs with when none is given (``None``: it has none):
-    for TV and nonlinear TV ``noise_scaled_lambda(noise, mask)`` (0.15 x the median field
+    for TV, nonlinear TV and TFI ``noise_scaled_lambda(noise, mask)`` (0.15 x the median field
     noise in ppm; 2e-4 without a noise map), else the method's default."""
     if method in NOISE_SCALED_LAMBDA:
         return noise_scaled_lambda(noise, mask)
