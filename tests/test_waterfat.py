@@ -156,6 +156,32 @@ def test_graphcut_keeps_an_organ_behind_a_gas_gap():
     assert np.mean(np.abs(result.pdff[inside] - 3)) < 5
 
 
+def test_axis_weights_follow_the_field_roughness():
+    """An axis whose neighbour fields differ much more than along the others is coupled
+    less, whatever voxel size is given; a uniform gradient is not roughness; the weights
+    never exceed the geometric ones."""
+    rng = np.random.default_rng(3)
+    shape = (40, 40, 12)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    smooth = 0.5 * rng.standard_normal(shape)
+    rough_z = smooth + 8.0 * rng.standard_normal((1, 1, shape[2])) * np.sin(x / 7 + z)
+    strong = np.ones(shape, bool)
+    period = 300.0
+    isotropic = wf._axis_weights(rough_z.astype(np.float32), strong, (1, 1, 1), period)
+    assert isotropic[0] == isotropic[1] == 1.0 and isotropic[2] < 0.05
+    # a 20 Hz/voxel ramp along x adds no roughness
+    ramp = wf._axis_weights((smooth + 20.0 * x).astype(np.float32), strong, (1, 1, 1), period)
+    assert np.all(ramp > 0.5)
+    # the geometric weight is an upper bound: 5 mm slices keep (1/5)^2 for a smooth field
+    thick = wf._axis_weights(smooth.astype(np.float32), strong, (1, 1, 5), period)
+    np.testing.assert_allclose(thick[2], 0.04)
+    # too few strong voxels to measure: the geometric weights
+    few = np.zeros(shape, bool)
+    few[:3, :3, :3] = True
+    np.testing.assert_allclose(wf._axis_weights(rough_z.astype(np.float32), few, (1, 1, 2),
+                                                period), [1.0, 1.0, 0.25])
+
+
 def test_without_regularisation_swaps_are_detected(caplog):
     signal, mask, field, pdff, _ = _volume(UNIFORM_TE, seed=1)
     with caplog.at_level(logging.WARNING, logger="qsmprep"):
@@ -295,20 +321,25 @@ def _ismrm_case(name: str):
         reference, evaluation
 
 
+@pytest.mark.parametrize("voxel_size", [(1.5, 1.5, 5.0), (1.0, 1.0, 1.0)])
 @pytest.mark.parametrize("case", ["12", "15"])
-def test_ismrm2012_challenge_fat_fraction(case, record_property):
+def test_ismrm2012_challenge_fat_fraction(case, voxel_size, record_property):
     """Issue 4 acceptance: PDFF MAE <= 3 points in the organisers' eval_mask, no swaps.
+
+    The challenge files carry no voxel size: the result must not hinge on it (with
+    geometric smoothness weights alone, isotropic 1 mm swapped the spleen of case 12 in two
+    of its three slices: 3578 voxels).
 
     A swapped region is a connected patch (in the eval mask) of voxels whose PDFF is off by
     more than 30 points. The model-limited oracle (the local minimum per voxel closest to
     the reference) still leaves such patches of up to 10 voxels at tissue edges; the graph
-    cut leaves one of 33 voxels (74 mm^2 in one slice, partial volume next to bowel gas in
+    cut leaves one of 32 voxels (72 mm^2 in one slice, partial volume next to bowel gas in
     case 12), the multi-resolution ICM 1184 (spleen/liver): up to 40 voxels pass.
     """
     images, te, b0, sign, reference, evaluation = _ismrm_case(case)
     magnitude = np.sqrt((np.abs(images) ** 2).sum(axis=-1))
     mask = magnitude > 0.05 * np.percentile(magnitude, 99)
-    result = wf.separate(images, te, mask, b0_tesla=b0, voxel_size=(1.5, 1.5, 5.0),
+    result = wf.separate(images, te, mask, b0_tesla=b0, voxel_size=voxel_size,
                          fat_model="ismrm", phase_sign=sign)
     scored = evaluation & mask & np.isfinite(reference)
     assert scored.sum() > 0.95 * evaluation.sum()

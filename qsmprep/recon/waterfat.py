@@ -27,7 +27,9 @@ Pipeline of :func:`separate`:
    its candidates plus whole periods, and binary "jump" moves (every voxel keeps its field
    or moves one/two candidates or one period up, resp. down), each solved exactly by
    max-flow (PyMaxflow), minimise the residuals weighted by signal energy plus a quadratic
-   smoothness of the field between 6-neighbours (voxel-size-aware). It runs coarse to fine
+   smoothness of the field between 6-neighbours, weighted per axis by the voxel size and by
+   the field's measured roughness along it (thick slices or a wrong voxel size cannot force
+   slices to agree: :func:`_axis_weights`). It runs coarse to fine
    on a pyramid of 2x2x2 block sums of the residual curves (like hmrGC): coarse levels use
    edge-stopping pair weights (links through partial-volume voxels next to air are cut, as
    the field may jump there by more than the water/fat alias), the finest level refines
@@ -667,29 +669,75 @@ def regularized_field(
 # ---------------------------------------------------------------------------------------
 
 
+def _axis_slices(axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index tuples of the first and second voxel of the neighbour pairs along ``axis``."""
+    first = [slice(None)] * 3
+    second = [slice(None)] * 3
+    first[axis], second[axis] = slice(0, -1), slice(1, None)
+    return tuple(first), tuple(second)
+
+
 def _neighbour_pairs(
-    mask: np.ndarray, voxel_size: Sequence[float], reference_mm: float
+    mask: np.ndarray, axis_weight: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """6-neighbour pairs of ``mask`` voxels: indices ``p``, ``q`` (into ``mask`` order) and
-    the geometric weight ``(reference_mm / d)^2`` of a squared field difference over the
-    centre distance ``d`` (mm) along the pair's axis (a finite-difference gradient)."""
+    the weight ``axis_weight[axis]`` of the pair's axis."""
     index = np.full(mask.shape, -1, dtype=np.int64)
     index[mask] = np.arange(int(np.count_nonzero(mask)))
     firsts, seconds, weights = [], [], []
     for axis in range(3):
         if mask.shape[axis] < 2:
             continue
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[axis], b[axis] = slice(0, -1), slice(1, None)
-        both = mask[tuple(a)] & mask[tuple(b)]
-        firsts.append(index[tuple(a)][both])
-        seconds.append(index[tuple(b)][both])
-        weights.append(np.full(firsts[-1].size, (reference_mm / float(voxel_size[axis])) ** 2))
+        a, b = _axis_slices(axis)
+        both = mask[a] & mask[b]
+        firsts.append(index[a][both])
+        seconds.append(index[b][both])
+        weights.append(np.full(firsts[-1].size, float(axis_weight[axis])))
     if not firsts:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
     return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(weights)
+
+
+#: fewest neighbour pairs with strong signal along an axis to measure its roughness
+MIN_ROUGHNESS_PAIRS = 100
+
+
+def _axis_weights(
+    best_psi: np.ndarray, strong: np.ndarray, voxel_size: Sequence[float], period: float
+) -> np.ndarray:
+    """Smoothness weight per axis: the smaller of the geometric ``(h / d)^2`` (``h`` the
+    smallest voxel size, ``d`` the axis' one) and the measured ``min(1, (tau_ref / tau)^2)``.
+
+    ``tau`` is an axis' roughness: the median absolute deviation (about their median, so a
+    uniform gradient does not count) of the field differences (Hz) between neighbours along
+    it, both in ``strong`` voxels, taken from each voxel's best local minimum ``best_psi``
+    (neighbours mostly take the same water/fat branch); ``tau_ref`` is the median over the
+    axes (the smaller of two). An axis along which the field varies much more than along the
+    others is coupled less: thick or gapped slices, or a wrong voxel size in the header,
+    then cannot force the slices' water/fat choices to agree (ISMRM 2012 case 12 swaps its
+    spleen with isotropic weights). Axes with fewer than :data:`MIN_ROUGHNESS_PAIRS` pairs
+    keep the geometric weight.
+    """
+    sizes = np.asarray(voxel_size, dtype=float)
+    geometric = (sizes.min() / sizes) ** 2
+    tau = np.full(3, np.nan)
+    for axis in range(3):
+        if best_psi.shape[axis] < 2:
+            continue
+        a, b = _axis_slices(axis)
+        both = strong[a] & strong[b]
+        if np.count_nonzero(both) < MIN_ROUGHNESS_PAIRS:
+            continue
+        difference = _wrap_hz(best_psi[a] - best_psi[b], period)[both]
+        tau[axis] = max(float(np.median(np.abs(difference - np.median(difference)))), 1e-3)
+    measured = np.isfinite(tau)
+    if not measured.any():
+        return geometric
+    reference = np.sort(tau[measured])[(np.count_nonzero(measured) - 1) // 2]
+    relative = np.where(measured, np.minimum(1.0, (reference / np.where(measured, tau, 1.0)) ** 2),
+                        1.0)
+    return np.minimum(geometric, relative)
 
 
 def _sorted_candidates(cost, index, psis, r2s, n_candidates):
@@ -879,11 +927,13 @@ def graphcut_field(
 
     Energy over the local minima ``psi_p`` of each voxel's VARPRO residual curve::
 
-        sum_p E_p r_p(psi_p) + lambda sum_(p,q) w_pq (h / d_pq)^2 ((psi_p - psi_q) / f_fat)^2
+        sum_p E_p r_p(psi_p) + lambda sum_(p,q) w_pq a_pq ((psi_p - psi_q) / f_fat)^2
 
     ``E_p`` the signal energy ``||s_p||^2`` (over its median), ``r_p`` the relative residual,
-    6-neighbour pairs at distance ``d_pq`` (mm; ``h`` the smallest voxel size), ``f_fat`` the
-    main fat frequency, ``lambda = GRAPHCUT_SCALE x smoothness``. Fields are unwrapped
+    6-neighbour pairs with the axis weight ``a_pq`` of :func:`_axis_weights` (at most
+    ``(h / d)^2``, ``d`` the voxel size along the pair's axis and ``h`` the smallest one,
+    less along an axis where the field is measurably rougher), ``f_fat`` the main fat
+    frequency, ``lambda = GRAPHCUT_SCALE x smoothness``. Fields are unwrapped
     values (a local minimum plus whole periods), so the cut also unwraps.
 
     Jump moves (:func:`_jump_moves`) run on a pyramid of 2x2x2 block sums of the absolute
@@ -912,7 +962,15 @@ def graphcut_field(
     lam = GRAPHCUT_SCALE * float(smoothness) / float(fat_hz) ** 2
     # pair weights of every level (docstring): edge-stopping for the coarse levels, plain
     # signal weights for the local ones; coarse pairs sum the fine pairs between blocks
-    p, q, geometry = _neighbour_pairs(mask, levels[0][2], min(levels[0][2]))
+    best = np.zeros(mask.shape, dtype=np.float32)
+    best[mask] = _candidates(cost, index, psis, r2s, 1)[0][:, 0]
+    strong = np.zeros(mask.shape, dtype=bool)
+    strong[mask] = _strong(energies[0])
+    axis_weight = _axis_weights(best, strong, levels[0][2], period)
+    del best, strong
+    LOGGER.info("waterfat graph cut: smoothness weights per axis %s",
+                np.round(axis_weight, 4).tolist())
+    p, q, geometry = _neighbour_pairs(mask, axis_weight)
     weak = np.minimum(energies[0][p], energies[0][q])
     ratio = np.minimum(weak / _tissue_energy(energies[0]), 1.0)
     stopping = [(p, q, lam * weak * ratio ** (edge_power - 1.0) * geometry)]
@@ -965,12 +1023,17 @@ def graphcut_field(
     return field, r2, relative
 
 
-def _tissue_energy(energy: np.ndarray) -> float:
-    """Typical tissue signal energy: the median over voxels above 10% of the 99th
-    percentile (noise-only voxels of a generous mask excluded)."""
+def _strong(energy: np.ndarray) -> np.ndarray:
+    """Voxels with signal energy above 10% of its 99th percentile (tissue, not noise)."""
     top = float(np.percentile(energy, 99)) if energy.size else 0.0
-    strong = energy[energy > 0.1 * top]
-    return float(np.median(strong)) if strong.size else max(top, 1e-30)
+    return energy > 0.1 * top
+
+
+def _tissue_energy(energy: np.ndarray) -> float:
+    """Typical tissue signal energy: the median over the :func:`_strong` voxels (noise-only
+    voxels of a generous mask excluded)."""
+    strong = energy[_strong(energy)]
+    return float(np.median(strong)) if strong.size else max(float(energy.max(initial=0)), 1e-30)
 
 
 #: Spatial regularisations of :func:`separate`.
