@@ -62,8 +62,9 @@ class _WaterFatInputSpec(BaseInterfaceInputSpec):
     fat_model = traits.Str("ren_marrow", usedefault=True,
                            desc="fat spectrum: name, table file or 'ppm:amp,...'")
     water_ppm = traits.Float(desc="water chemical shift of the scan (ppm)")
-    phase_sign = traits.Enum(1, -1, usedefault=True,
-                             desc="+1: phase = +2 pi f TE; -1: clockwise precession")
+    phase_sign = traits.Enum("auto", 1, -1, usedefault=True,
+                             desc="+1: phase = +2 pi f TE; -1: clockwise precession; auto: the "
+                             "sign the fat signal supports (+1 where inconclusive)")
     echoes = traits.List(traits.Int, desc="inphase: 1-based echo numbers (default: automatic)")
     smoothness = traits.Float(0.1, usedefault=True, desc="water-fat regularisation weight")
     unwrap_method = traits.Str("region_growing", usedefault=True,
@@ -116,7 +117,6 @@ class WaterFatField(SimpleInterface):
             "FatPeaksPpm": list(model.ppm),
             "FatPeakAmplitudes": [round(a, 6) for a in model.amplitude],
             "WaterPpm": model.water_ppm if water_ppm is None else water_ppm,
-            "PhaseSign": int(inputs.phase_sign),
             "EchoTime": times.tolist(),
             "MaskedVoxels": int(np.count_nonzero(mask)),
             **geometry_metadata(image),
@@ -124,13 +124,19 @@ class WaterFatField(SimpleInterface):
         with threads(inputs.num_threads):
             if inputs.method == "inphase":
                 echoes = [e - 1 for e in inputs.echoes] if inputs.echoes else None
+                sign, check = 1 if inputs.phase_sign == "auto" else inputs.phase_sign, None
+                if times.size >= 3:
+                    sign, check = waterfat.resolve_phase_sign(
+                        waterfat.as_complex(magnitude, phase), times, mask,
+                        b0_tesla=inputs.b0_tesla, fat_model=model, water_ppm=water_ppm,
+                        phase_sign=inputs.phase_sign)
                 estimate, used = waterfat.inphase_field(
                     magnitude, phase, times, mask, voxel_size=voxel_size,
                     b0_tesla=inputs.b0_tesla, echoes=echoes, fat_model=model,
-                    water_ppm=water_ppm, phase_sign=inputs.phase_sign,
+                    water_ppm=water_ppm, phase_sign=sign,
                     unwrap_method=inputs.unwrap_method)
                 field, noise = estimate.field_hz, estimate.noise_hz
-                p1 = field * np.float32(2 * np.pi * inputs.phase_sign)
+                p1 = field * np.float32(2 * np.pi * sign)
                 unwrapped = fieldmap._consistent_unwrapped_phase(
                     np.asarray(phase, np.float32), mask, estimate.phase_offset, p1, times)
                 results["metadata"] = {
@@ -138,6 +144,8 @@ class WaterFatField(SimpleInterface):
                     "FieldMappingDescription": "Single-frequency nonlinear fit of the echoes "
                     "in phase with the main fat peak; chemical shift ignored (biased where "
                     "fat is present, growing with the fat fraction).",
+                    "PhaseSign": int(sign),
+                    "PhaseSignCheck": check.message if check else "not checked (< 3 echoes)",
                     "FieldMappingEchoes": [e + 1 for e in used],
                     "EchoCombination": "nlfit",
                     "EchoCombinationReference": reference("nlfit"),

@@ -71,7 +71,8 @@ class NipypeConfig:
 class WorkflowConfig:
     """QSM method per step and its parameters (defaults: the measured best combination)."""
 
-    phase_sign: Literal[1, -1] = 1
+    # auto: the sign the fat signal supports in water-fat/in-phase mapping, +1 otherwise
+    phase_sign: Literal[1, -1, "auto"] = "auto"
     b0_tesla: float | None = None
     mask_threshold: float | None = None
     mask_erode_mm: float = 0.0

@@ -52,6 +52,17 @@ def test_usage_errors_exit_64(dataset, tmp_path, capsys):
     assert (config.workflow.bfr_method, config.workflow.inversion_method) == ("none", "tfi")
 
 
+def test_phase_sign_option(dataset, tmp_path, capsys):
+    args = [str(dataset), str(tmp_path / "out"), "participant"]
+    assert parse_args(args)[0].workflow.phase_sign == "auto"
+    for value, expected in (("-1", -1), ("+1", 1), ("1", 1), ("auto", "auto")):
+        assert parse_args(args + ["--phase-sign", value])[0].workflow.phase_sign == expected
+    with pytest.raises(SystemExit) as stop:
+        parse_args(args + ["--phase-sign", "2"])
+    assert stop.value.code == 64
+    assert "+1, -1, auto" in capsys.readouterr().err
+
+
 def test_total_field_inversion_pairs_with_no_background_removal(dataset, tmp_path, capsys):
     args = [str(dataset), str(tmp_path / "out"), "participant"]
     # an explicit background removal (or local-field inversion) turns the body preset into

@@ -234,6 +234,35 @@ def test_phase_sign_conjugates_data():
     assert np.mean(np.abs(result.pdff - pdff)[mask]) < 2.5
 
 
+def test_phase_sign_is_told_by_the_fat_signal(caplog):
+    """The multi-peak fat spectrum fits only with the right handedness: 'auto' finds it,
+    a wrong given sign is kept but warned about, and without fat the check abstains."""
+    signal, mask, field, pdff, _ = _volume(UNIFORM_TE, seed=4, shape=(32, 32, 6))
+    mirrored = np.conj(signal)  # clockwise precession
+    assert wf.check_phase_sign(signal, UNIFORM_TE, mask, b0_tesla=B0).preferred == 1
+    check = wf.check_phase_sign(mirrored, UNIFORM_TE, mask, b0_tesla=B0)
+    assert check.preferred == -1 and check.excess < 0
+    assert "contradicts" in check.message
+    result = _run(mirrored, UNIFORM_TE, mask, phase_sign="auto")
+    assert result.parameters["PhaseSign"] == -1
+    assert np.median(np.abs(result.field_hz - field)[mask]) < 1.0
+    assert np.mean(np.abs(result.pdff - pdff)[mask]) < 2.5
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        wrong = _run(mirrored, UNIFORM_TE, mask, phase_sign=1)
+    assert wrong.parameters["PhaseSign"] == 1 and "--phase-sign" in caplog.text
+    # water only: both signs fit alike
+    te = np.asarray(UNIFORM_TE)
+    water = (np.exp((-30.0 + 2j * np.pi * field[..., None] / 2) * te) * mask[..., None])
+    water = (water + 0.01 * np.random.default_rng(1).standard_normal(water.shape)).astype(
+        np.complex64)
+    for given in (np.conj(water), water):
+        assert wf.check_phase_sign(given, te, mask, b0_tesla=B0).preferred is None
+    assert _run(np.conj(water), te, mask, phase_sign="auto").parameters["PhaseSign"] == 1
+    with pytest.raises(ValueError, match="phase_sign"):
+        _run(signal, UNIFORM_TE, mask, phase_sign=0)
+
+
+
 def test_leg_phantom_marrow_pdff_field_r2star():
     sim, leg = body.leg_dataset(snr=50, fov_mm=(128.0, 128.0, 48.0))
     tissue = leg.phantom.m0 > 0.2

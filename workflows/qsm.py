@@ -93,6 +93,8 @@ def init_qsm_wf(
     ])
     if not has_phase:
         return workflow
+    # only the water-fat/in-phase field mapping can tell the sign from the fat signal
+    fixed_sign = 1 if options.phase_sign == "auto" else options.phase_sign
 
     if options.fieldmap_method in ("waterfat", "inphase"):
         field = pe.Node(
@@ -109,7 +111,7 @@ def init_qsm_wf(
     else:
         field = pe.Node(
             EstimateField(echo_times=echo_times, method=options.fieldmap_method,
-                          unwrap_method=options.unwrap_method, phase_sign=options.phase_sign,
+                          unwrap_method=options.unwrap_method, phase_sign=fixed_sign,
                           num_threads=omp_nthreads),
             name="estimate_field", n_procs=omp_nthreads, mem_gb=memory.gb("estimate_field"),
         )
@@ -165,7 +167,7 @@ def init_qsm_wf(
             *([(field, invert, [("opposed_phase", "edge_image")])] if study else []),
         ])
     if options.swi:
-        swi = pe.Node(ComputeSWI(echo_times=echo_times, phase_sign=options.phase_sign,
+        swi = pe.Node(ComputeSWI(echo_times=echo_times, phase_sign=fixed_sign,
                                  slab_mm=options.mip_slab_mm, num_threads=omp_nthreads),
                       name="compute_swi", n_procs=omp_nthreads,
                       mem_gb=memory.gb("compute_swi"))

@@ -82,6 +82,14 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _phase_sign(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    if value.strip() in ("1", "+1", "-1"):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"'{value}' is not one of +1, -1, auto.")
+
+
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -249,10 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_aliases("--config-file"), dest="config_file", type=_existing_file,
                    metavar="FILE", help="TOML configuration (as written to logs/ by every run); "
                    "command-line options override it")
-    g.add_argument(*_aliases("--phase-sign"), dest="workflow.phase_sign", type=int,
-                   choices=[1, -1], default=wf.phase_sign,
+    g.add_argument(*_aliases("--phase-sign"), dest="workflow.phase_sign", type=_phase_sign,
+                   metavar="{+1,-1,auto}", default=wf.phase_sign,
                    help="phase convention: +1 if phase = +2*pi*f*TE, -1 for the opposite "
-                   "handedness (a wrong sign flips the susceptibility)")
+                   "handedness (a wrong sign flips the susceptibility; with fat, it swaps "
+                   "water and fat everywhere). auto (default): with --fieldmap-method "
+                   "waterfat/inphase the sign the fat signal supports (logged; +1 where there "
+                   "is too little fat to tell), +1 otherwise")
     g.add_argument(*_aliases("--b0-tesla"), dest="workflow.b0_tesla", type=_positive_float,
                    metavar="T", help="main field (T) when sidecars lack ImagingFrequency and "
                    "MagneticFieldStrength, or to override them")

@@ -262,6 +262,24 @@ class SwapReport:
 
 
 @dataclasses.dataclass
+class PhaseSignCheck:
+    """Verdict of :func:`check_phase_sign`.
+
+    ``given`` the sign tested; ``preferred`` the sign the fat signal supports (None:
+    inconclusive, e.g. no fat); ``excess`` how much larger the energy-weighted residual of
+    the other sign is than that of the given one, relative (negative: the other sign fits
+    better); ``vote`` the fraction of the voxels that tell the signs apart which fit better
+    with the given sign; ``message`` one line for logs/reports.
+    """
+
+    given: int
+    preferred: int | None
+    excess: float
+    vote: float
+    message: str
+
+
+@dataclasses.dataclass
 class WaterFatResult:
     """Result of :func:`separate` (all maps float32/complex64 ``[x, y, z]``, 0 outside mask).
 
@@ -1281,6 +1299,114 @@ def detect_swaps(
 # ---------------------------------------------------------------------------------------
 
 
+#: a sign is decided when the other sign's residual is this much larger (relative) ...
+PHASE_SIGN_EXCESS = 0.1
+#: ... and this fraction of the informative voxels agrees
+PHASE_SIGN_VOTE = 0.55
+#: voxels (evenly spaced strong ones) the check uses
+PHASE_SIGN_VOXELS = 50000
+
+
+def check_phase_sign(
+    signal: np.ndarray,
+    echo_times: Sequence[float],
+    mask: np.ndarray,
+    *,
+    b0_tesla: float,
+    fat_model: str | FatModel = "ismrm",
+    water_ppm: float | None = None,
+    phase_sign: int = 1,
+    r2star_max: float = 500.0,
+) -> PhaseSignCheck:
+    """Which phase handedness the fat signal supports.
+
+    Conjugating the data mirrors every frequency: water stays a single line (pure water fits
+    either sign equally), but the multi-peak fat spectrum then sits on the wrong side of
+    water and fits worse. The best VARPRO grid residual of each strong voxel (up to
+    :data:`PHASE_SIGN_VOXELS`) is compared for ``phase_sign`` and its opposite; a sign is
+    preferred when the other's energy-weighted residual is :data:`PHASE_SIGN_EXCESS` larger
+    and :data:`PHASE_SIGN_VOTE` of the voxels whose residuals differ (by > 10% of the median
+    residual) agree. Measured: ISMRM 2012 cases 12 / 15 excess 0.81 / 1.86, vote 0.70 /
+    0.87; leg phantom with 6 echoes 0.24-0.92, 0.76-0.96; with 4 echoes (0.05, 0.6) it is
+    inconclusive; without fat always inconclusive.
+    """
+    # checked with +1 (no conjugated copy of the data); the sample takes the given sign
+    data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, 1)
+    if phase_sign not in (1, -1):
+        raise ValueError(f"phase_sign must be +1 or -1, got {phase_sign!r}.")
+    model = get_fat_model(fat_model)
+    c = fat_signal(times, b0_tesla, model, water_ppm=water_ppm)
+    psis, _ = psi_grid(times)
+    r2s = default_r2star_grid(r2star_max)
+    index = np.flatnonzero(mask)
+    index = index[:: max(1, index.size // (4 * PHASE_SIGN_VOXELS))]
+    voxels = data.reshape(-1, times.size)[index]
+    voxels = voxels[_strong((np.abs(voxels) ** 2).sum(axis=1))]
+    voxels = voxels[:: max(1, voxels.shape[0] // PHASE_SIGN_VOXELS)]
+    if phase_sign == -1:
+        voxels = np.conj(voxels)
+    given, _, weight = grid_residuals(voxels, times, c, psis, r2s)
+    other = grid_residuals(np.conj(voxels), times, c, psis, r2s)[0].min(axis=1)
+    given = given.min(axis=1)
+    given_total = float(np.dot(weight, given))
+    other_total = float(np.dot(weight, other))
+    difference = other - given
+    informative = np.abs(difference) > 0.1 * (np.median(np.minimum(given, other))
+                                              if given.size else 0.0)
+    count = int(np.count_nonzero(informative))
+    vote = float(np.mean(difference[informative] > 0)) if count else 0.5
+    excess = (other_total - given_total) / max(given_total, 1e-30)
+    deficit = (given_total - other_total) / max(other_total, 1e-30)
+    preferred = None
+    if excess >= PHASE_SIGN_EXCESS and vote >= PHASE_SIGN_VOTE:
+        preferred = int(phase_sign)
+        message = (f"phase sign check: the fat signal confirms phase sign {phase_sign:+d} (the "
+                   f"other sign fits {100 * excess:.0f}% worse; {100 * vote:.0f}% of {count} "
+                   "informative voxels agree)")
+    elif deficit >= PHASE_SIGN_EXCESS and vote <= 1 - PHASE_SIGN_VOTE:
+        preferred = -int(phase_sign)
+        message = (f"phase sign check: the fat signal contradicts phase sign {phase_sign:+d}: "
+                   f"the data fit {100 * deficit:.0f}% better with {-phase_sign:+d} "
+                   f"({100 * (1 - vote):.0f}% of {count} informative voxels agree)")
+    else:
+        message = (f"phase sign check: inconclusive (residual of the other sign "
+                   f"{100 * excess:+.0f}%, {100 * vote:.0f}% of {count} informative voxels "
+                   f"for {phase_sign:+d}; little or no fat, or too few echoes)")
+    return PhaseSignCheck(given=int(phase_sign), preferred=preferred, excess=float(excess),
+                          vote=vote, message=message)
+
+
+def resolve_phase_sign(
+    signal: np.ndarray,
+    echo_times: Sequence[float],
+    mask: np.ndarray,
+    *,
+    b0_tesla: float,
+    fat_model: str | FatModel = "ismrm",
+    water_ppm: float | None = None,
+    phase_sign: int | Literal["auto"] = "auto",
+    r2star_max: float = 500.0,
+) -> tuple[int, PhaseSignCheck]:
+    """The phase sign to use and the :func:`check_phase_sign` verdict behind it.
+
+    ``"auto"``: the sign the fat signal supports, +1 where the check is inconclusive. A
+    given sign (+1 or -1) is kept, with a warning when the fat signal contradicts it.
+    """
+    if phase_sign not in (1, -1, "auto"):
+        raise ValueError(f"phase_sign must be +1, -1 or 'auto', got {phase_sign!r}.")
+    check = check_phase_sign(signal, echo_times, mask, b0_tesla=b0_tesla,
+                             fat_model=fat_model, water_ppm=water_ppm,
+                             phase_sign=1 if phase_sign == "auto" else phase_sign,
+                             r2star_max=r2star_max)
+    if phase_sign == "auto":
+        phase_sign = check.preferred or 1
+        LOGGER.info("%s; using %+d", check.message, phase_sign)
+    elif check.preferred == -phase_sign:
+        LOGGER.warning("%s. A wrong sign swaps water and fat everywhere and flips the field: "
+                       "check the scanner's phase convention (--phase-sign).", check.message)
+    return int(phase_sign), check
+
+
 def separate(
     signal: np.ndarray,
     echo_times: Sequence[float],
@@ -1290,7 +1416,7 @@ def separate(
     voxel_size: Sequence[float],
     fat_model: str | FatModel = "ismrm",
     water_ppm: float | None = None,
-    phase_sign: int = 1,
+    phase_sign: int | Literal["auto"] = 1,
     smoothness: float = 0.1,
     r2star_max: float = 500.0,
     psi_step_hz: float | None = None,
@@ -1321,7 +1447,10 @@ def separate(
     water_ppm
         Water shift of the scan (ppm; None: the fat table's own reference).
     phase_sign
-        +1: phase grows as ``+2 pi f t``; -1 (clockwise precession) conjugates the data.
+        +1: phase grows as ``+2 pi f t``; -1 (clockwise precession) conjugates the data;
+        ``"auto"``: the sign the fat signal supports (:func:`check_phase_sign`), +1 where
+        it is inconclusive. The check also runs for a given sign and warns when the fat
+        signal contradicts it (a wrong sign swaps water and fat everywhere).
     smoothness
         Weight of the field-smoothness term of the regularisation (``graphcut``: times
         :data:`GRAPHCUT_SCALE`, per squared main-fat-frequency step between neighbours
@@ -1346,9 +1475,12 @@ def separate(
         Voxels per block of the grid search (memory: about ``chunk x 4 x n_psi x n_R2*``
         bytes).
     """
+    model = get_fat_model(fat_model)
+    phase_sign, sign_check = resolve_phase_sign(
+        signal, echo_times, mask, b0_tesla=b0_tesla, fat_model=model, water_ppm=water_ppm,
+        phase_sign=phase_sign, r2star_max=r2star_max)
     data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign)
     sizes = fieldmap._check_voxel_size(voxel_size)
-    model = get_fat_model(fat_model)
     if smoothness < 0:
         raise ValueError(f"smoothness must be >= 0, got {smoothness}.")
     if not 1 <= int(n_candidates) <= 16:
@@ -1368,7 +1500,8 @@ def separate(
         "FatModel": model.name, "FatPeaksPpm": list(model.ppm),
         "FatPeakAmplitudes": [round(a, 6) for a in model.amplitude],
         "WaterPpm": model.water_ppm if water_ppm is None else float(water_ppm),
-        "PhaseSign": int(phase_sign), "Regularization": regularization,
+        "PhaseSign": int(phase_sign), "PhaseSignCheck": sign_check.message,
+        "Regularization": regularization,
         "Smoothness": float(smoothness), "FieldGridStepHz": round(float(psis[1] - psis[0]), 4),
         "FieldGridPeriodHz": round(period, 4), "R2starGridMax": float(r2star_max),
         "Unwrapped": bool(unwrap), "Refined": bool(refine),

@@ -296,7 +296,8 @@ def _summary(acquisition: AcquisitionOutputs, record: runlog.RunRecord | None
     if meta.get("PhaseUnits"):
         rows.append(("Phase units (input)", esc(meta["PhaseUnits"])))
     if "PhaseSign" in meta:
-        rows.append(("Phase sign", esc(meta["PhaseSign"])))
+        check = meta.get("PhaseSignCheck")
+        rows.append(("Phase sign", esc(f"{meta['PhaseSign']}" + (f" ({check})" if check else ""))))
     rows.extend(_method_rows(acquisition, meta, chi, r2star, mask))
     swap = meta.get("SwapCheckMessage")
     if swap:
