@@ -242,8 +242,8 @@ def noise_scaled_lambda(
     median = float(np.median(sigma))
     if not PLAUSIBLE_NOISE_PPM[0] <= median <= PLAUSIBLE_NOISE_PPM[1]:
         LOGGER.warning(
-            "TV: the median noise %.3g is not a field noise in ppm (expected %g..%g; Hz or "
-            "relative units?): lam falls back to %g; pass lam explicitly.",
+            "TV/nlTV/TFI weight: the median noise %.3g is not a field noise in ppm (expected "
+            "%g..%g; Hz or relative units?): lam falls back to %g; pass lam explicitly.",
             median, *PLAUSIBLE_NOISE_PPM, DEFAULT_TV_LAMBDA,
         )
         return DEFAULT_TV_LAMBDA
