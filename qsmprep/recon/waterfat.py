@@ -753,8 +753,8 @@ def _axis_weights(
     if not measured.any():
         return geometric
     reference = np.sort(tau[measured])[(np.count_nonzero(measured) - 1) // 2]
-    relative = np.where(measured, np.minimum(1.0, (reference / np.where(measured, tau, 1.0)) ** 2),
-                        1.0)
+    ratio = reference / np.where(measured, tau, reference)
+    relative = np.minimum(1.0, ratio**2)
     return np.minimum(geometric, relative)
 
 
