@@ -52,15 +52,19 @@ def _numba_kernels(jit):
                 for k in range(nz):
                     kp = k + 1 if k + 1 < nz else 0
                     c = chi[i, j, k]
-                    th = thr_map[i, j, k] if use_map else thr
+                    # a difference weighs as the lesser of its two voxels (_pair_thresholds)
+                    tc = thr_map[i, j, k] if use_map else thr
+                    th = min(tc, thr_map[ip, j, k]) if use_map else thr
                     t = (chi[ip, j, k] - c) * dx + s1[0, i, j, k]
                     cl = min(max(t, -th), th)
                     s1[0, i, j, k] = cl
                     u[0, i, j, k] = t - 2.0 * cl
+                    th = min(tc, thr_map[i, jp, k]) if use_map else thr
                     t = (chi[i, jp, k] - c) * dy + s1[1, i, j, k]
                     cl = min(max(t, -th), th)
                     s1[1, i, j, k] = cl
                     u[1, i, j, k] = t - 2.0 * cl
+                    th = min(tc, thr_map[i, j, kp]) if use_map else thr
                     t = (chi[i, j, kp] - c) * dz + s1[2, i, j, k]
                     cl = min(max(t, -th), th)
                     s1[2, i, j, k] = cl
@@ -116,13 +120,23 @@ def _numba_kernels(jit):
 
 
 # ---- numpy fallback ----
+def _pair_thresholds(thr_map: np.ndarray) -> np.ndarray:
+    """Per-axis thresholds (3, ...) of the forward differences ``chi[i + e_j] - chi[i]``: the
+    lesser of the two voxels' (a zero-weight voxel, such as TFI's free sources, frees both
+    of its faces; with one voxel's weight a jump into a void stayed penalised on one side,
+    which biased TFI's marrow on the tilted leg phantom by 0.08 ppm)."""
+    return np.stack([np.minimum(thr_map, np.roll(thr_map, -1, axis=j)) for j in range(3)])
+
+
 def _np_z1_update(chi, chi_prev, s1, u, thr, inv_d, t, inside):
+    """``thr``: a scalar, or per-axis thresholds from :func:`_pair_thresholds`."""
     for j in range(3):
         t[...] = np.roll(chi, -1, axis=j)
         t -= chi
         t *= np.float32(inv_d[j])
         t += s1[j]
-        np.clip(t, -thr, thr, out=s1[j])
+        th = thr[j] if np.ndim(thr) == 4 else thr
+        np.clip(t, -th, th, out=s1[j])
         np.subtract(t, s1[j], out=u[j])
         u[j] -= s1[j]
     diff = (chi - chi_prev)[inside]
@@ -299,7 +313,8 @@ def _admm_tv(
     ``z2_step(f, w2)`` (padded field and squared weights) builds the data-term step, the
     only part in which linear and nonlinear TV differ. ``tv_weight`` (mask voxels) and
     ``outside_weight`` (the rest of the padded grid) multiply the TV weight ``G`` voxel-wise
-    (with the edge weights, if any). ``chi0``: a start on the padded grid
+    (with the edge weights, if any); a difference between two voxels takes the lesser
+    weight (:func:`_pair_thresholds`). ``chi0``: a start on the padded grid
     (``_Grid(mask, pad_fraction)``; default 0). Returns float32 chi, zero outside.
     """
     grid = _Grid(mask, pad_fraction)
@@ -348,6 +363,7 @@ def _admm_tv(
             u[axis] = (np.roll(chi_prev, -1, axis=axis) - chi_prev) * inv_d[axis]
         w = scipy.fft.irfftn(scipy.fft.rfftn(chi_prev) * d, s=shape).astype(np.float32)
     scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
+    pair_thr = _pair_thresholds(thr_map) if use_map and kernels is None else None
     it, change = 0, np.inf
     for it in range(1, int(max_iter) + 1):
         if kernels is not None:
@@ -369,7 +385,7 @@ def _admm_tv(
             )
         else:
             diff2, norm2 = _np_z1_update(
-                chi, chi_prev, s1, u, thr_map if use_map else thr, inv_d, scratch, inside
+                chi, chi_prev, s1, u, pair_thr if use_map else thr, inv_d, scratch, inside
             )
         step(dchi, s2)
         w = dchi
