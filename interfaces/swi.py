@@ -51,6 +51,7 @@ class ComputeSWI(SimpleInterface):
         self._results["metadata"] = {
             "SWIHighPassFilterMillimeters": self.inputs.filter_size_mm,
             "SWIPhaseMaskPower": 4,
+            "PhaseSign": int(self.inputs.phase_sign),
             "ProjectionSlabMillimeters": self.inputs.slab_mm,
             "ProjectionAxis": "ijk"[axis],
             "EchoTime": list(self.inputs.echo_times),

@@ -87,6 +87,7 @@ class _WaterFatOutputSpec(TraitedSpec):
     opposed_phase = File(desc="| |W| - |F| | (edge image of the calcaneus study)")
     metadata = traits.Dict(desc="methods and parameters")
     r2star_metadata = traits.Dict(desc="R2* fit description")
+    phase_sign = traits.Enum(1, -1, desc="the phase sign used (resolved from 'auto')")
 
 
 class WaterFatField(SimpleInterface):
@@ -185,6 +186,7 @@ class WaterFatField(SimpleInterface):
                     "R2starFitReference": WATERFAT_REFERENCE,
                     "FatModel": model.name,
                 }
+        results["phase_sign"] = int(results["metadata"]["PhaseSign"])
         results["field_hz"] = save(field, image, "field_hz.nii.gz", cwd=cwd)
         results["noise_hz"] = save(noise, image, "noise_hz.nii.gz", cwd=cwd)
         results["unwrapped_phase"] = [

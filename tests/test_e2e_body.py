@@ -120,7 +120,8 @@ def test_body_field_pdff_and_chi_against_truth(body_run, record_property):
 
 def test_opposite_phase_handedness_is_detected(tmp_path):
     """The same leg with the phase negated (clockwise precession) and no --phase-sign: the
-    fat signal tells the sign; the maps match the truth as for the original."""
+    fat signal tells the sign; the maps match the truth as for the original, and SWI takes
+    the sign the water-fat step resolved."""
     data = tmp_path / "body_leg"
     shutil.copytree(DATASET, data)
     for path in sorted((data / "sub-01" / "anat").glob("*part-phase*.nii.gz")):
@@ -129,9 +130,11 @@ def test_opposite_phase_handedness_is_detected(tmp_path):
         nb.Nifti1Image(-phase, image.affine, image.header).to_filename(str(path))
     out = tmp_path / "out"
     code = main([str(data), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--nprocs", "2", "--preset", "body"])
+                 "--nprocs", "2", "--preset", "body", "--swi"])
     assert code == 0
     region, median_field, swapped, pdff_error = _field_and_pdff_errors(out)
+    swi = json.loads((out / "sub-01" / "anat" / "sub-01_swi.json").read_text())
+    assert swi["PhaseSign"] == -1
     sidecar = json.loads((out / "sub-01" / "fmap" /
                           "sub-01_desc-total_fieldmap.json").read_text())
     assert sidecar["PhaseSign"] == -1 and "better with -1" in sidecar["PhaseSignCheck"]

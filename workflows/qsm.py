@@ -93,7 +93,8 @@ def init_qsm_wf(
     ])
     if not has_phase:
         return workflow
-    # only the water-fat/in-phase field mapping can tell the sign from the fat signal
+    # only the water-fat/in-phase field mapping can tell the sign from the fat signal (SWI
+    # then takes the sign it resolved)
     fixed_sign = 1 if options.phase_sign == "auto" else options.phase_sign
 
     if options.fieldmap_method in ("waterfat", "inphase"):
@@ -173,6 +174,8 @@ def init_qsm_wf(
                       mem_gb=memory.gb("compute_swi"))
         venography = pe.Node(QSMVenography(slab_mm=options.mip_slab_mm), name="venography",
                              mem_gb=memory.gb("venography"))
+        if options.fieldmap_method in ("waterfat", "inphase"):  # the sign it resolved
+            workflow.connect(field, "phase_sign", swi, "phase_sign")
         workflow.connect([
             (load, swi, [("magnitude", "magnitude"), ("phase", "phase")]),
             (mask, swi, [("mask", "mask")]),
