@@ -582,11 +582,11 @@ def _choose(curve, psis, target, period, fat_hz, smoothness):
     return np.argmin(total, axis=1)
 
 
-def _residual_pyramid(cost, energy, mask, voxel_size, max_levels):
-    """Levels ``(mask, downsampled axes, voxel size)``, relative residual curves and signal
-    energies of a pyramid of 2x2x2 block sums (at most ``max_levels``; level 0 the voxels):
-    a block's curve is the energy-weighted sum of its voxels' curves over its energy."""
-    levels = [(mask, None, tuple(voxel_size))]
+def _residual_pyramid(cost, energy, mask, max_levels):
+    """Levels ``(mask, downsampled axes)``, relative residual curves and signal energies of
+    a pyramid of 2x2x2 block sums (at most ``max_levels``; level 0 the voxels): a block's
+    curve is the energy-weighted sum of its voxels' curves over its energy."""
+    levels = [(mask, None)]
     curves = [cost]
     energies = [energy]
     if max_levels > 1:
@@ -594,7 +594,7 @@ def _residual_pyramid(cost, energy, mask, voxel_size, max_levels):
         dense[mask] = cost * energy[:, None]
         dense_energy = np.zeros(mask.shape, dtype=np.float32)
         dense_energy[mask] = energy
-        m, sizes = mask, levels[0][2]
+        m = mask
         while len(levels) < max_levels:
             axes = [n > 6 for n in m.shape]
             if not any(axes) or np.count_nonzero(m) < 64:
@@ -602,8 +602,7 @@ def _residual_pyramid(cost, energy, mask, voxel_size, max_levels):
             dense, m_new = _downsample(dense, m, axes)
             dense_energy, _ = _downsample(dense_energy, m, axes)
             m = m_new
-            sizes = tuple(v * (2.0 if a else 1.0) for v, a in zip(sizes, axes))
-            levels.append((m, axes, sizes))
+            levels.append((m, axes))
             level_energy = dense_energy[m]
             curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
             energies.append(level_energy)
@@ -637,12 +636,11 @@ def regularized_field(
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
-    levels, curves, energies = _residual_pyramid(cost, energy, mask, (1.0, 1.0, 1.0),
-                                                 max_levels)
+    levels, curves, energies = _residual_pyramid(cost, energy, mask, max_levels)
     prior = None
     psis32 = psis.astype(np.float32)
     for level in range(len(levels) - 1, -1, -1):
-        m, axes, _ = levels[level]
+        m, axes = levels[level]
         curve = curves[level]
         weight = np.sqrt(np.maximum(energies[level], 0)) * (
             _confidence(curve, psis, r2s, n_candidates) + 0.02)
@@ -758,10 +756,9 @@ def _axis_weights(
     return np.minimum(geometric, relative)
 
 
-def _sorted_candidates(cost, index, psis, r2s, n_candidates):
-    """Local minima of each residual curve sorted by field: psi (N, K) float64 Hz within one
-    period (missing ones last), relative residual (N, K), R2* (N, K) 1/s, count (N,)."""
-    psi, res, r2 = _candidates(cost, index, psis, r2s, n_candidates)
+def _sorted_candidates(psi, res, r2):
+    """The local minima of :func:`_candidates` sorted by field: psi (N, K) float64 Hz within
+    one period (missing ones last), relative residual (N, K), R2* (N, K) 1/s, count (N,)."""
     order = np.argsort(np.where(np.isfinite(res), psi, np.inf), axis=1)
     psi = np.take_along_axis(psi, order, axis=1).astype(np.float64)
     res = np.take_along_axis(res, order, axis=1).astype(np.float64)
@@ -974,17 +971,17 @@ def graphcut_field(
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
     scale = float(np.median(energy[energy > 0])) if np.any(energy > 0) else 1.0
-    levels, curves, energies = _residual_pyramid(
-        cost, energy, mask, tuple(float(v) for v in voxel_size), max_levels)
+    levels, curves, energies = _residual_pyramid(cost, energy, mask, max_levels)
     energies = [level_energy / scale for level_energy in energies]
+    finest = _candidates(cost, index, psis, r2s, n_candidates)  # column 0: the best
     lam = GRAPHCUT_SCALE * float(smoothness) / float(fat_hz) ** 2
     # pair weights of every level (docstring): edge-stopping for the coarse levels, plain
     # signal weights for the local ones; coarse pairs sum the fine pairs between blocks
     best = np.zeros(mask.shape, dtype=np.float32)
-    best[mask] = _candidates(cost, index, psis, r2s, 1)[0][:, 0]
+    best[mask] = finest[0][:, 0]
     strong = np.zeros(mask.shape, dtype=bool)
     strong[mask] = _strong(energies[0])
-    axis_weight = _axis_weights(best, strong, levels[0][2], period)
+    axis_weight = _axis_weights(best, strong, voxel_size, period)
     del best, strong
     LOGGER.info("waterfat graph cut: smoothness weights per axis %s",
                 np.round(axis_weight, 4).tolist())
@@ -1002,10 +999,10 @@ def graphcut_field(
     prior = None
     total_cuts = 0
     for level in range(len(levels) - 1, -1, -1):
-        m, axes, sizes = levels[level]
-        level_index = index if level == 0 else np.zeros(curves[level].shape, np.int16)
-        psi_c, res_c, r2_c, count = _sorted_candidates(curves[level], level_index, psis, r2s,
-                                                       n_candidates)
+        m, axes = levels[level]
+        raw = finest if level == 0 else _candidates(
+            curves[level], np.zeros(curves[level].shape, np.int16), psis, r2s, n_candidates)
+        psi_c, res_c, r2_c, count = _sorted_candidates(*raw)
         e = energies[level]
         local = level < local_levels
         p, q, w_pq = plain[level] if local else stopping[level]
