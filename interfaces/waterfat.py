@@ -127,10 +127,11 @@ class WaterFatField(SimpleInterface):
                 echoes = [e - 1 for e in inputs.echoes] if inputs.echoes else None
                 sign, check = 1 if inputs.phase_sign == "auto" else inputs.phase_sign, None
                 if times.size >= 3:
-                    sign, check = waterfat.resolve_phase_sign(
+                    check = waterfat.check_phase_sign(
                         waterfat.as_complex(magnitude, phase), times, mask,
                         b0_tesla=inputs.b0_tesla, fat_model=model, water_ppm=water_ppm,
                         phase_sign=inputs.phase_sign)
+                    sign = waterfat.resolve_phase_sign(inputs.phase_sign, check)
                 estimate, used = waterfat.inphase_field(
                     magnitude, phase, times, mask, voxel_size=voxel_size,
                     b0_tesla=inputs.b0_tesla, echoes=echoes, fat_model=model,

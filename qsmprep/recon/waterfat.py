@@ -1312,10 +1312,11 @@ def check_phase_sign(
     b0_tesla: float,
     fat_model: str | FatModel = "ismrm",
     water_ppm: float | None = None,
-    phase_sign: int = 1,
+    phase_sign: int | Literal["auto"] = 1,
     r2star_max: float = 500.0,
 ) -> PhaseSignCheck:
-    """Which phase handedness the fat signal supports.
+    """Which phase handedness the fat signal supports (``phase_sign`` the one to test;
+    ``"auto"`` tests +1).
 
     Conjugating the data mirrors every frequency: water stays a single line (pure water fits
     either sign equally), but the multi-peak fat spectrum then sits on the wrong side of
@@ -1327,10 +1328,11 @@ def check_phase_sign(
     0.87; leg phantom with 6 echoes 0.24-0.92, 0.76-0.96; with 4 echoes (0.05, 0.6) it is
     inconclusive; without fat always inconclusive.
     """
+    if phase_sign not in (1, -1, "auto"):
+        raise ValueError(f"phase_sign must be +1, -1 or 'auto', got {phase_sign!r}.")
+    phase_sign = 1 if phase_sign == "auto" else phase_sign
     # checked with +1 (no conjugated copy of the data); the sample takes the given sign
     data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, 1)
-    if phase_sign not in (1, -1):
-        raise ValueError(f"phase_sign must be +1 or -1, got {phase_sign!r}.")
     model = get_fat_model(fat_model)
     c = fat_signal(times, b0_tesla, model, water_ppm=water_ppm)
     psis, _ = psi_grid(times)
@@ -1373,35 +1375,18 @@ def check_phase_sign(
                           vote=vote, message=message)
 
 
-def resolve_phase_sign(
-    signal: np.ndarray,
-    echo_times: Sequence[float],
-    mask: np.ndarray,
-    *,
-    b0_tesla: float,
-    fat_model: str | FatModel = "ismrm",
-    water_ppm: float | None = None,
-    phase_sign: int | Literal["auto"] = "auto",
-    r2star_max: float = 500.0,
-) -> tuple[int, PhaseSignCheck]:
-    """The phase sign to use and the :func:`check_phase_sign` verdict behind it.
-
-    ``"auto"``: the sign the fat signal supports, +1 where the check is inconclusive. A
-    given sign (+1 or -1) is kept, with a warning when the fat signal contradicts it.
-    """
-    if phase_sign not in (1, -1, "auto"):
-        raise ValueError(f"phase_sign must be +1, -1 or 'auto', got {phase_sign!r}.")
-    check = check_phase_sign(signal, echo_times, mask, b0_tesla=b0_tesla,
-                             fat_model=fat_model, water_ppm=water_ppm,
-                             phase_sign=1 if phase_sign == "auto" else phase_sign,
-                             r2star_max=r2star_max)
-    if phase_sign == "auto":
-        phase_sign = check.preferred or 1
-        LOGGER.info("%s; using %+d", check.message, phase_sign)
-    elif check.preferred == -phase_sign:
+def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) -> int:
+    """The phase sign to use given the ``requested`` one and the :func:`check_phase_sign`
+    verdict: for ``"auto"`` the sign the fat signal supports, +1 where inconclusive; a given
+    sign (+1 or -1) is kept, with a warning when the fat signal contradicts it."""
+    if requested == "auto":
+        sign = check.preferred or 1
+        LOGGER.info("%s; using %+d", check.message, sign)
+        return sign
+    if check.preferred == -requested:
         LOGGER.warning("%s. A wrong sign swaps water and fat everywhere and flips the field: "
                        "check the scanner's phase convention (--phase-sign).", check.message)
-    return int(phase_sign), check
+    return int(requested)
 
 
 def separate(
@@ -1473,9 +1458,10 @@ def separate(
         bytes).
     """
     model = get_fat_model(fat_model)
-    phase_sign, sign_check = resolve_phase_sign(
-        signal, echo_times, mask, b0_tesla=b0_tesla, fat_model=model, water_ppm=water_ppm,
-        phase_sign=phase_sign, r2star_max=r2star_max)
+    sign_check = check_phase_sign(signal, echo_times, mask, b0_tesla=b0_tesla,
+                                  fat_model=model, water_ppm=water_ppm,
+                                  phase_sign=phase_sign, r2star_max=r2star_max)
+    phase_sign = resolve_phase_sign(phase_sign, sign_check)
     data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign)
     sizes = fieldmap._check_voxel_size(voxel_size)
     if smoothness < 0:
