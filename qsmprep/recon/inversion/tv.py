@@ -363,7 +363,9 @@ def _admm_tv(
             u[axis] = (np.roll(chi_prev, -1, axis=axis) - chi_prev) * inv_d[axis]
         w = scipy.fft.irfftn(scipy.fft.rfftn(chi_prev) * d, s=shape).astype(np.float32)
     scratch = None if kernels is not None else np.empty(shape, dtype=np.float32)
-    pair_thr = _pair_thresholds(thr_map) if use_map and kernels is None else None
+    pair_thr = None
+    if use_map and kernels is None:  # numpy: per-axis thresholds replace the voxel map
+        pair_thr, thr_map = _pair_thresholds(thr_map), None
     it, change = 0, np.inf
     for it in range(1, int(max_iter) + 1):
         if kernels is not None:
