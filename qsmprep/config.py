@@ -18,6 +18,7 @@ import tomli_w
 
 FieldmapMethod = Literal["nlfit", "linear", "waterfat", "inphase"]
 MaskType = Literal["brain", "body"]
+ReadoutPolarity = Literal["auto", "monopolar", "bipolar"]
 UnwrapMethod = Literal["region_growing", "romeo", "laplacian", "reliability"]
 BackgroundMethod = Literal["vsharp", "pdf", "lbv", "resharp", "ismv", "sharp", "none"]
 InversionMethod = Literal[
@@ -77,6 +78,8 @@ class WorkflowConfig:
     mask_threshold: float | None = None
     mask_erode_mm: float = 0.0
     fieldmap_method: FieldmapMethod = "nlfit"
+    # bipolar: remove the phase of the second-polarity echoes; auto: where the data show it
+    readout_polarity: ReadoutPolarity = "auto"
     mask_type: MaskType = "brain"
     fat_model: str = "ren_marrow"  # waterfat/inphase: built-in name, or a (ppm, amplitude) table
     water_ppm: float | None = None  # water shift of the scan (ppm); None: the fat table's own

@@ -7,6 +7,11 @@ REFERENCES: dict[str, str] = {
     "for robust quantitative susceptibility mapping. Magn Reson Med 2013;69:467-476.",
     "linear": "Eckstein K, et al. Computationally efficient combination of multi-channel phase "
     "data from multi-echo acquisitions (ASPIRE/MCPC-3D-S). Magn Reson Med 2018;79:2996-3006.",
+    "bipolar": "Peterson P, Mansson S. Fat quantification using multiecho sequences with "
+    "bipolar gradients: investigation of accuracy and noise performance. Magn Reson Med "
+    "2014;71:219-229 (bipolar readout phase errors); Yu H, et al. Phase and amplitude "
+    "correction for multi-echo water-fat separation with bipolar acquisitions. J Magn Reson "
+    "Imaging 2010;32:1264-1271.",
     "region_growing": "Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid opensource "
     "minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
     "romeo": "Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid opensource minimum "

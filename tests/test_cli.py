@@ -63,6 +63,18 @@ def test_phase_sign_option(dataset, tmp_path, capsys):
     assert "+1, -1, auto" in capsys.readouterr().err
 
 
+def test_readout_polarity_option(dataset, tmp_path, capsys):
+    args = [str(dataset), str(tmp_path / "out"), "participant"]
+    assert parse_args(args)[0].workflow.readout_polarity == "auto"
+    for value in ("monopolar", "bipolar", "auto"):
+        config, _ = parse_args(args + ["--readout-polarity", value])
+        assert config.workflow.readout_polarity == value
+    with pytest.raises(SystemExit) as stop:
+        parse_args(args + ["--readout-polarity", "flyback"])
+    assert stop.value.code == 64
+    assert "monopolar" in capsys.readouterr().err
+
+
 def test_total_field_inversion_pairs_with_no_background_removal(dataset, tmp_path, capsys):
     args = [str(dataset), str(tmp_path / "out"), "participant"]
     # an explicit background removal (or local-field inversion) turns the body preset into

@@ -25,10 +25,10 @@ EXAMPLE = REPO / "bids_examples" / "brain_megre"
 ARTIFACTS = REPO / "ci-artifacts"
 
 #: Citation keys of two method combinations (each key is cited by exactly that combination).
-DEFAULT = {"nlfit", "romeo", "ismv", "tv", "fansi", "dipole"}
+DEFAULT = {"bipolar", "nlfit", "romeo", "ismv", "tv", "fansi", "dipole"}
 OTHER_ARGS = ["--fieldmap-method", "linear", "--unwrap-method", "laplacian", "--bfr-method",
               "pdf", "--inversion-method", "medi", "--r2star-method", "arlo", "--reference",
-              "none"]
+              "none", "--readout-polarity", "monopolar"]
 OTHER = {"mcpc3ds", "laplacian", "pdf", "medi", "medi0", "arlo", "dipole"}
 
 

@@ -64,7 +64,7 @@ def init_ds_qsm_wf(
 
     steps = (options.fieldmap_method, options.unwrap_method, options.bfr_method,
              options.inversion_method)
-    field_fields = ["load_metadata", "field_metadata"]
+    field_fields = ["load_metadata", "readout_metadata", "field_metadata"]
     ds_field = sink("ds_fieldmap", "fieldmap", field_fields, datatype="fmap", desc="total",
                     metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
                               "Description": "Total field (B0 inhomogeneity) from a multi-echo "

@@ -7,6 +7,7 @@ from nipype.pipeline import engine as pe
 
 from qsmprep.config import WorkflowConfig
 from qsmprep.interfaces.background import RemoveBackground
+from qsmprep.interfaces.bipolar import CorrectReadoutPolarity
 from qsmprep.interfaces.fieldmap import EstimateField
 from qsmprep.interfaces.inversion import InvertDipole
 from qsmprep.interfaces.mask import BrainMask
@@ -23,7 +24,7 @@ OUTPUT_FIELDS = [
     "unwrapped_phase", "local_field_hz", "eroded_mask", "chi", "field_metadata",
     "bfr_metadata", "inversion_metadata", "reference_metadata", "r2star_metadata",
     "mask_metadata", "load_metadata", "swi", "minip", "chi_mip", "swi_metadata",
-    "water", "fat", "pdff",
+    "water", "fat", "pdff", "readout_metadata",
 ]
 
 #: Outputs only the water-fat field mapping (``--fieldmap-method waterfat``) produces.
@@ -137,8 +138,28 @@ def init_qsm_wf(
         invert.inputs.lam = options.inversion_lambda
     reference = pe.Node(ReferenceSusceptibility(method=options.reference),
                         name="reference_chi", mem_gb=memory.gb("reference_chi"))
+    phase_source = load
+    checked = 4 if options.readout_polarity == "auto" else 2  # bipolar: the step's own error
+    if options.readout_polarity != "monopolar" and len(echo_times) >= checked:
+        fat = options.fieldmap_method in ("waterfat", "inphase")
+        polarity = pe.Node(
+            CorrectReadoutPolarity(echo_times=echo_times, b0_tesla=b0_tesla,
+                                   fat_model=options.fat_model if fat else "",
+                                   phase_sign=options.phase_sign if fat else 1,
+                                   mode=options.readout_polarity, num_threads=omp_nthreads),
+            name="readout_polarity", n_procs=omp_nthreads,
+            mem_gb=memory.gb("readout_polarity"))
+        if fat and options.water_ppm is not None:
+            polarity.inputs.water_ppm = options.water_ppm
+        workflow.connect([
+            (load, polarity, [("magnitude", "magnitude"), ("phase", "phase")]),
+            (mask, polarity, [("mask", "mask")]),
+            (polarity, outputnode, [("metadata", "readout_metadata")]),
+        ])
+        phase_source = polarity
     workflow.connect([
-        (load, field, [("magnitude", "magnitude"), ("phase", "phase")]),
+        (load, field, [("magnitude", "magnitude")]),
+        (phase_source, field, [("phase", "phase")]),
         (mask, field, [("mask", "mask")]),
         # water-fat noise maps rise steeply with R2* (marrow): as PDF weights they bias the
         # marrow field on the body phantom (benchmarks/RESULTS.md), so PDF runs unweighted
@@ -177,7 +198,8 @@ def init_qsm_wf(
         if options.fieldmap_method in ("waterfat", "inphase"):  # the sign it resolved
             workflow.connect(field, "phase_sign", swi, "phase_sign")
         workflow.connect([
-            (load, swi, [("magnitude", "magnitude"), ("phase", "phase")]),
+            (load, swi, [("magnitude", "magnitude")]),
+            (phase_source, swi, [("phase", "phase")]),
             (mask, swi, [("mask", "mask")]),
             (reference, venography, [("chi", "chi")]),
             (swi, outputnode, [("swi", "swi"), ("minip", "minip"),

@@ -24,6 +24,7 @@ BYTES_PER_VOXEL_ECHO = {
     "fit_r2star": 15.0,
     "estimate_field": 34.0,  # nonlinear fit, unwrapping, consistency check, 4D outputs
     "waterfat": 300.0,    # VARPRO residuals over the field x R2* grid (issue: water-fat)
+    "readout_polarity": 32.0,  # magnitude, phase, complex signal, corrected phase
     "compute_swi": 24.0,
 }
 BYTES_PER_VOXEL = {

@@ -16,6 +16,7 @@ from qsmprep.config import (
     InversionMethod,
     LambdaRule,
     MaskType,
+    ReadoutPolarity,
     R2starMethod,
     ReferenceMethod,
     UnwrapMethod,
@@ -281,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a multi-peak fat model and R2*: body/bone; writes PDFF, water and fat "
                    "maps), inphase (single-frequency fit of the echoes in phase with fat, "
                    "the lumbar-spine study's baseline; biased where fat is present)")
+    g.add_argument(*_aliases("--readout-polarity"), dest="workflow.readout_polarity",
+                   type=_choice(get_args(ReadoutPolarity)), metavar=_metavar(ReadoutPolarity),
+                   default=wf.readout_polarity,
+                   help="multi-echo readout: bipolar (alternating polarity: the phase of the "
+                   "2nd, 4th, ... echoes, a constant plus a ramp, is estimated with the signal "
+                   "model and removed; >= 4 echoes), monopolar (no correction), auto (default: "
+                   "corrected where the bipolar model removes at least 25%% of the fit "
+                   "residual; logged and written to the sidecars)")
     g.add_argument("--preset", dest="preset", choices=sorted(PRESETS), default=None,
                    help="method defaults for a body region (explicit options override): "
                    "body = " + ", ".join(f"{k.replace('_', '-')} {v}"

@@ -1044,6 +1044,16 @@ def _strong(energy: np.ndarray) -> np.ndarray:
     return energy > 0.1 * top
 
 
+def strong_sample(signal: np.ndarray, mask: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of about ``count`` evenly spaced :func:`_strong` voxels of ``mask`` in a
+    4D ``signal`` (a deterministic sample for global estimates)."""
+    index = np.flatnonzero(mask)
+    index = index[:: max(1, index.size // (4 * count))]
+    voxels = signal.reshape(-1, signal.shape[-1])[index]
+    index = index[_strong((np.abs(voxels) ** 2).sum(axis=1))]
+    return index[:: max(1, index.size // count)]
+
+
 def _tissue_energy(energy: np.ndarray) -> float:
     """Typical tissue signal energy: the median over the :func:`_strong` voxels (noise-only
     voxels of a generous mask excluded)."""
@@ -1337,11 +1347,7 @@ def check_phase_sign(
     c = fat_signal(times, b0_tesla, model, water_ppm=water_ppm)
     psis, _ = psi_grid(times)
     r2s = default_r2star_grid(r2star_max)
-    index = np.flatnonzero(mask)
-    index = index[:: max(1, index.size // (4 * PHASE_SIGN_VOXELS))]
-    voxels = data.reshape(-1, times.size)[index]
-    voxels = voxels[_strong((np.abs(voxels) ** 2).sum(axis=1))]
-    voxels = voxels[:: max(1, voxels.shape[0] // PHASE_SIGN_VOXELS)]
+    voxels = data.reshape(-1, times.size)[strong_sample(data, mask, PHASE_SIGN_VOXELS)]
     if phase_sign == -1:
         voxels = np.conj(voxels)
     given, _, weight = grid_residuals(voxels, times, c, psis, r2s)

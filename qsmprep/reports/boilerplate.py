@@ -199,6 +199,11 @@ BIBTEX: dict[str, str] = {
   title = {Composition of adipose tissue and marrow fat in humans by {1H} {NMR} at 7 Tesla},
   journal = {Journal of Lipid Research}, volume = {49}, number = {9}, pages = {2055--2062},
   year = {2008}, doi = {10.1194/jlr.D800010-JLR200}}""",
+    "bipolar": """@article{bipolar,
+  author = {Peterson, P{\\"a}r and M{\\aa}nsson, Sven},
+  title = {Fat quantification using multiecho sequences with bipolar gradients: investigation of accuracy and noise performance},
+  journal = {Magnetic Resonance in Medicine}, volume = {71}, number = {1}, pages = {219--229},
+  year = {2014}}""",
     "swi": """@article{swi,
   author = {Haacke, E. Mark and Xu, Yingbiao and Cheng, Yu-Chung N. and Reichenbach, J{\\"u}rgen R.},
   title = {Susceptibility weighted imaging ({SWI})},
@@ -344,6 +349,15 @@ def describe_qsm(
                          + (f" and a {options.mask_erode_mm:g} mm erosion"
                             if options.mask_erode_mm else "") + ".")
     if has_phase:
+        polarity = getattr(options, "readout_polarity", "monopolar")
+        if polarity == "bipolar" or (polarity == "auto" and len(echo_times) >= 4):
+            sentences.append(
+                "The phase of the echoes read with the second readout polarity (a constant "
+                "plus a linear ramp) was estimated by minimising the fit residual of the "
+                "signal model and "
+                + ("removed where it explained at least 25% of the residual of a monopolar "
+                   "fit" if polarity == "auto" else "removed")
+                + " [@bipolar]; the sidecar field ReadoutPolarityCorrection records it.")
         if waterfat:
             model = str(options.fat_model)
             fat_cites = "; ".join(f"@{k}" for k in METHOD_CITATIONS.get(model, ()))

@@ -298,6 +298,9 @@ def _summary(acquisition: AcquisitionOutputs, record: runlog.RunRecord | None
     if "PhaseSign" in meta:
         check = meta.get("PhaseSignCheck")
         rows.append(("Phase sign", esc(f"{meta['PhaseSign']}" + (f" ({check})" if check else ""))))
+    polarity = meta.get("ReadoutPolarityCorrection")
+    if isinstance(polarity, dict) and polarity.get("Message"):
+        rows.append(("Readout polarity", esc(polarity["Message"])))
     rows.extend(_method_rows(acquisition, meta, chi, r2star, mask))
     swap = meta.get("SwapCheckMessage")
     if swap:
