@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import shared_data
-from test_waterfat import B0, UNIFORM_TE, _run, _volume
+from test_waterfat import B0, UNIFORM_TE, _ismrm_case, _run, _volume
 
 from qsmprep.recon import bipolar
 from qsmprep.recon import waterfat as wf
@@ -153,8 +153,6 @@ def test_bipolar_phantom_agrees_with_its_single_polarity_halves(record_property)
 
 
 def test_ismrm_monopolar_cases_are_left_alone():
-    from test_waterfat import _ismrm_case
-
     for case in ("12", "15"):
         img, te, b0, sign, *_ = _ismrm_case(case)
         energy = np.sqrt((np.abs(img) ** 2).sum(axis=-1))

@@ -52,27 +52,23 @@ def test_usage_errors_exit_64(dataset, tmp_path, capsys):
     assert (config.workflow.bfr_method, config.workflow.inversion_method) == ("none", "tfi")
 
 
-def test_phase_sign_option(dataset, tmp_path, capsys):
+@pytest.mark.parametrize("option, field, default, values, bad, listed", [
+    ("--phase-sign", "phase_sign", "auto",
+     (("-1", -1), ("+1", 1), ("1", 1), ("auto", "auto")), "2", "+1, -1, auto"),
+    ("--readout-polarity", "readout_polarity", "auto",
+     (("monopolar", "monopolar"), ("bipolar", "bipolar"), ("auto", "auto")), "flyback",
+     "monopolar"),
+])
+def test_choice_options(dataset, tmp_path, capsys, option, field, default, values, bad,
+                        listed):
     args = [str(dataset), str(tmp_path / "out"), "participant"]
-    assert parse_args(args)[0].workflow.phase_sign == "auto"
-    for value, expected in (("-1", -1), ("+1", 1), ("1", 1), ("auto", "auto")):
-        assert parse_args(args + ["--phase-sign", value])[0].workflow.phase_sign == expected
+    assert getattr(parse_args(args)[0].workflow, field) == default
+    for value, expected in values:
+        assert getattr(parse_args(args + [option, value])[0].workflow, field) == expected
     with pytest.raises(SystemExit) as stop:
-        parse_args(args + ["--phase-sign", "2"])
+        parse_args(args + [option, bad])
     assert stop.value.code == 64
-    assert "+1, -1, auto" in capsys.readouterr().err
-
-
-def test_readout_polarity_option(dataset, tmp_path, capsys):
-    args = [str(dataset), str(tmp_path / "out"), "participant"]
-    assert parse_args(args)[0].workflow.readout_polarity == "auto"
-    for value in ("monopolar", "bipolar", "auto"):
-        config, _ = parse_args(args + ["--readout-polarity", value])
-        assert config.workflow.readout_polarity == value
-    with pytest.raises(SystemExit) as stop:
-        parse_args(args + ["--readout-polarity", "flyback"])
-    assert stop.value.code == 64
-    assert "monopolar" in capsys.readouterr().err
+    assert listed in capsys.readouterr().err
 
 
 def test_total_field_inversion_pairs_with_no_background_removal(dataset, tmp_path, capsys):

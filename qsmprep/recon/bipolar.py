@@ -237,6 +237,7 @@ def correct_bipolar_phase(
         return phase
     phi = estimate.phase(phase.shape[:3], voxel_size)
     corrected = phase.copy()
-    corrected[..., 1::2] -= phi[..., None]
-    corrected -= np.float32(2 * np.pi) * np.round(corrected / np.float32(2 * np.pi))
+    turned = corrected[..., 1::2]  # a view: only these echoes change and need wrapping
+    turned -= phi[..., None]
+    turned -= np.float32(2 * np.pi) * np.round(turned / np.float32(2 * np.pi))
     return corrected
