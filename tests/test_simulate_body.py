@@ -103,3 +103,28 @@ def test_trabecular_spheres_mean_chi_linear_in_bvtv_and_r2prime_grows():
     rng = np.random.default_rng(0)
     samples = 20.0 / 2 * np.tan(np.pi * (rng.uniform(size=200000) - 0.5))
     assert trabecular.lorentzian_fwhm_hz(samples) == pytest.approx(20.0, rel=0.1)
+
+
+def test_dilute_spheres_follow_static_dephasing_theory():
+    """Small spheres at volume fractions 0.02-0.2: R2' is linear in BV/TV with the slope of
+    Yablonskiy & Haacke's static-dephasing formula (measured over 6 geometries: 0.97 +- 0.08
+    of it, seed 0: 1.075); voxels near the box faces, which see no spheres beyond, are left
+    out (without that the slope is 0.82-0.89)."""
+    from qsmprep.simulate import trabecular
+
+    box, radius, margin = 64, 2.5, 12
+    sphere_volume = 4.0 / 3.0 * np.pi * radius**3
+    models = [trabecular.simulate_spheres(
+        box, round(-np.log(1 - fraction) * box**3 / sphere_volume), (radius, radius), seed=0)
+        for fraction in (0.02, 0.05, 0.1, 0.2)]
+    rows = trabecular.trabecular_table(models, (-1.0,), margin=margin)
+    inner = (slice(margin, box - margin),) * 3
+    fraction = np.array([m.spheres[inner].mean() for m in models])
+    r2prime = np.array([r["r2prime"] for r in rows])
+    assert np.all(np.diff(r2prime) > 0), r2prime
+    slope = fraction @ r2prime / (fraction @ fraction)
+    theory = trabecular.static_dephasing_r2prime(1.0, -1.0, 3.0)
+    assert theory == pytest.approx(323.5, rel=1e-3)  # 2 pi/(3 sqrt 3) * 2 pi * 127.73 Hz / 3
+    assert slope / theory == pytest.approx(1.0, abs=0.2), slope / theory
+    with pytest.raises(ValueError, match="margin"):
+        trabecular.trabecular_table(models, (-1.0,), margin=box // 2)
