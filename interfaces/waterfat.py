@@ -63,7 +63,7 @@ class _WaterFatInputSpec(BaseInterfaceInputSpec):
                            desc="fat spectrum: name, table file or 'ppm:amp,...'")
     water_ppm = traits.Float(desc="water chemical shift of the scan (ppm)")
     phase_sign = traits.Enum("auto", 1, -1, usedefault=True,
-                             desc="+1: phase = +2 pi f TE; -1: clockwise precession; auto: the "
+                             desc="+1: phase = +2 pi f TE; -1: the opposite handedness; auto: the "
                              "sign the fat signal supports (+1 where inconclusive)")
     echoes = traits.List(traits.Int, desc="inphase: 1-based echo numbers (default: automatic)")
     smoothness = traits.Float(0.1, usedefault=True, desc="water-fat regularisation weight")

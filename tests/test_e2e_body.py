@@ -120,7 +120,7 @@ def test_body_field_pdff_and_chi_against_truth(body_run, record_property):
 
 
 def test_opposite_phase_handedness_is_detected(tmp_path):
-    """The same leg with the phase negated (clockwise precession) and no --phase-sign: the
+    """The same leg with the phase negated (the opposite handedness) and no --phase-sign: the
     fat signal tells the sign; the maps match the truth as for the original, and SWI takes
     the sign the water-fat step resolved."""
     data = tmp_path / "body_leg"

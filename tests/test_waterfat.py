@@ -239,12 +239,12 @@ def test_phase_sign_is_told_by_the_fat_signal(caplog):
     """The multi-peak fat spectrum fits only with the right handedness: 'auto' finds it,
     a wrong given sign is kept but warned about, and without fat the check abstains."""
     signal, mask, field, pdff, _ = _volume(UNIFORM_TE, seed=4, shape=(32, 32, 6))
-    mirrored = np.conj(signal)  # clockwise precession
+    mirrored = np.conj(signal)  # the opposite handedness
     assert wf.check_phase_sign(signal, UNIFORM_TE, mask, b0_tesla=B0).preferred == 1
     check = wf.check_phase_sign(mirrored, UNIFORM_TE, mask, b0_tesla=B0)
     assert check.preferred == -1 and check.excess < 0
     assert "contradicts" in check.message
-    result = _run(mirrored, UNIFORM_TE, mask, phase_sign="auto")
+    result = _run(mirrored, UNIFORM_TE, mask)  # phase_sign="auto" is the default
     assert result.parameters["PhaseSign"] == -1
     assert np.median(np.abs(result.field_hz - field)[mask]) < 1.0
     assert np.mean(np.abs(result.pdff - pdff)[mask]) < 2.5
@@ -370,7 +370,8 @@ def test_ismrm2012_challenge_fat_fraction(case, voxel_size, record_property):
     magnitude = np.sqrt((np.abs(images) ** 2).sum(axis=-1))
     mask = magnitude > 0.05 * np.percentile(magnitude, 99)
     result = wf.separate(images, te, mask, b0_tesla=b0, voxel_size=voxel_size,
-                         fat_model="ismrm", phase_sign=sign)
+                         fat_model="ismrm")
+    assert result.parameters["PhaseSign"] == sign  # read off the fat signal by default
     scored = evaluation & mask & np.isfinite(reference)
     assert scored.sum() > 0.95 * evaluation.sum()
     error = np.abs(result.pdff - 100 * reference)

@@ -6,9 +6,11 @@ Signal of echo ``n`` at echo time ``t_n`` (s)::
 
 with complex water/fat amplitudes ``rho_W``, ``rho_F``, one R2* (1/s), the field map ``psi``
 (Hz) and the fat spectrum ``f_p = gamma_bar B0 (ppm_p - ppm_water) 1e-6`` Hz with relative
-amplitudes ``a_p`` (sum 1). ``phase_sign=-1`` (clockwise precession, the opposite phase
-handedness) conjugates the data first, so the returned field is always the physical one in
-the convention of :mod:`qsmprep.recon.fieldmap`.
+amplitudes ``a_p`` (sum 1). ``phase_sign=+1`` takes the data as this model writes them
+(the ISMRM 2012 challenge toolbox's ``PrecessionIsClockwise = 1``); ``phase_sign=-1``, the
+opposite handedness (``PrecessionIsClockwise = 0``, which that toolbox conjugates),
+conjugates the data first, so the returned field is always the physical one in the
+convention of :mod:`qsmprep.recon.fieldmap`. ``"auto"`` reads the sign off the fat signal.
 
 Pipeline of :func:`separate`:
 
@@ -1414,7 +1416,7 @@ def separate(
     voxel_size: Sequence[float],
     fat_model: str | FatModel = "ismrm",
     water_ppm: float | None = None,
-    phase_sign: int | Literal["auto"] = 1,
+    phase_sign: int | Literal["auto"] = "auto",
     smoothness: float = 0.1,
     r2star_max: float = 500.0,
     psi_step_hz: float | None = None,
@@ -1445,9 +1447,10 @@ def separate(
     water_ppm
         Water shift of the scan (ppm; None: the fat table's own reference).
     phase_sign
-        +1: phase grows as ``+2 pi f t``; -1 (clockwise precession) conjugates the data;
-        ``"auto"``: the sign the fat signal supports (:func:`check_phase_sign`), +1 where
-        it is inconclusive. The check also runs for a given sign and warns when the fat
+        +1: phase grows as ``+2 pi f t`` (ISMRM 2012 toolbox ``PrecessionIsClockwise =
+        1``); -1: the opposite handedness (``PrecessionIsClockwise = 0``), conjugates the
+        data; ``"auto"`` (default): the sign the fat signal supports
+        (:func:`check_phase_sign`), +1 where it is inconclusive. The check also runs for a given sign and warns when the fat
         signal contradicts it (a wrong sign swaps water and fat everywhere).
     smoothness
         Weight of the field-smoothness term of the regularisation (``graphcut``: times
