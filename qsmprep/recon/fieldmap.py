@@ -424,6 +424,53 @@ def _center_components(unwrapped: np.ndarray, mask: np.ndarray, period: float) -
     return result
 
 
+def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.ndarray:
+    """Weighted least-squares fit of a 2nd-order polynomial in x, y, z (mm) to ``values``."""
+    coords = [(np.arange(n) - (n - 1) / 2.0) * float(v) / 100.0
+              for n, v in zip(values.shape, voxel_size)]
+    # fit on every other voxel along each axis (an eighth of the voxels is plenty)
+    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in values.shape)
+    w_sub = weight[sub]
+    inside = w_sub > 0
+    if np.count_nonzero(inside) < 20:
+        return np.zeros(values.shape, dtype=np.float32)
+    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
+    x, y, z = (g[inside] for g in grids)
+    design = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z],
+                      axis=1)
+    sw = np.sqrt(w_sub[inside].astype(np.float64))
+    coef, *_ = np.linalg.lstsq(design * sw[:, None], values[sub][inside] * sw, rcond=None)
+    gx, gy, gz = np.ix_(*coords)
+    full = [1.0, gx, gy, gz, gx * gx, gy * gy, gz * gz, gx * gy, gx * gz, gy * gz]
+    trend = sum(cf * t for cf, t in zip(coef, full))
+    return np.broadcast_to(trend, values.shape).astype(np.float32)
+
+
+def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
+                      voxel_size: Sequence[float], weight: np.ndarray) -> np.ndarray:
+    """Shift each 6-connected mask component by a multiple of ``period``: the one of largest
+    ``weight`` (signal energy) so its mean is closest to 0, every other one so it continues
+    the smooth field of the largest (its 2nd-order polynomial trend) across the gap. An
+    isolated part has no neighbour to unwrap against, and the field is smooth through air."""
+    centred = _center_components(unwrapped, mask, period)
+    labels, n_labels = ndimage.label(mask)
+    if n_labels < 2:
+        return centred
+    flat = labels[mask]
+    w = np.where(mask, weight, 0).astype(np.float64)
+    mass = np.bincount(flat, weights=w[mask], minlength=n_labels + 1)
+    mass[0] = 0.0
+    main = int(np.argmax(mass))
+    trend = _polynomial_trend(centred, np.where(labels == main, w, 0), voxel_size)
+    offset = np.bincount(flat, weights=(centred - trend)[mask] * w[mask],
+                         minlength=n_labels + 1)
+    shifts = np.round(offset / np.maximum(mass, 1e-30) / period) * period
+    shifts[[0, main]] = 0.0
+    result = centred.copy()
+    result[mask] -= shifts[flat].astype(centred.dtype)
+    return result
+
+
 def _unwrap_centered(
     wrapped: np.ndarray,
     mask: np.ndarray,

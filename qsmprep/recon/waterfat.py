@@ -43,8 +43,10 @@ Pipeline of :func:`separate`:
    (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.62 points with the graph cut (multires 5.98,
    swapped spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
 4. **Spatial unwrapping.** The graph cut chooses unwrapped fields; ``multires`` unwraps
-   ``2 pi psi / period`` by region growing (exact multiples). Each connected part then
-   takes the multiple of the period with mean nearest 0 Hz.
+   ``2 pi psi / period`` by region growing (exact multiples). The connected part of most
+   signal then takes the multiple of the period with mean nearest 0 Hz, and every other
+   part (the other leg, an arm: nothing links it to the rest) the multiple that continues
+   the smooth field of that part across the gap (the B0 field is smooth through air).
 5. **Continuous refinement**: Levenberg-Marquardt on the variable-projection functional in
    ``(psi, R2*)`` (Kaufman's Jacobian ``-(I - P) dA/dtheta rho``), amplitudes by linear
    least squares; non-uniform echo spacing needs nothing special.
@@ -1215,28 +1217,6 @@ def _assign(state, trial, better, accept):
 # ---------------------------------------------------------------------------------------
 
 
-def _polynomial_fit(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.ndarray:
-    """Weighted least-squares fit of a 2nd-order polynomial in x, y, z (mm) to ``values``."""
-    coords = [(np.arange(n) - (n - 1) / 2.0) * float(v) / 100.0
-              for n, v in zip(values.shape, voxel_size)]
-    # fit on every other voxel along each axis (an eighth of the voxels is plenty)
-    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in values.shape)
-    w_sub = weight[sub]
-    inside = w_sub > 0
-    if np.count_nonzero(inside) < 20:
-        return np.zeros(values.shape, dtype=np.float32)
-    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
-    x, y, z = (g[inside] for g in grids)
-    design = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z],
-                      axis=1)
-    sw = np.sqrt(w_sub[inside].astype(np.float64))
-    coef, *_ = np.linalg.lstsq(design * sw[:, None], values[sub][inside] * sw, rcond=None)
-    gx, gy, gz = np.ix_(*coords)
-    full = [1.0, gx, gy, gz, gx * gx, gy * gy, gz * gz, gx * gy, gx * gz, gy * gz]
-    trend = sum(cf * t for cf, t in zip(coef, full))
-    return np.broadcast_to(trend, values.shape).astype(np.float32)
-
-
 def detect_swaps(
     field_hz: np.ndarray,
     mask: np.ndarray,
@@ -1269,7 +1249,7 @@ def detect_swaps(
     keep = mask.copy()
     for _ in range(3):
         # remove a weighted 2nd-order polynomial (shim-like gradients), then smooth locally
-        trend = _polynomial_fit(field, np.where(keep, w, 0), voxel_size)
+        trend = fieldmap._polynomial_trend(field, np.where(keep, w, 0), voxel_size)
         detrended = np.where(mask, field - trend, 0)
         wk = np.where(keep, w, 0)
         num = ndimage.gaussian_filter(wk * detrended, sigma, mode="constant", truncate=2.5)
@@ -1534,7 +1514,8 @@ def separate(
     if regularization == "graphcut":
         # the cut chose unwrapped fields; fix each component's multiple of the period
         if unwrap:
-            field = fieldmap._center_components(field, mask, period)
+            field = fieldmap._align_components(field, mask, period, sizes,
+                                               energy_map(data, mask))
         else:
             field = np.where(mask, _wrap_hz(field, period), 0).astype(np.float32)
     elif unwrap:
@@ -1542,7 +1523,8 @@ def separate(
         wrapped = (field * np.float32(_TWO_PI / period)).astype(np.float32)
         unwrapped = unwrap_module.unwrap(wrapped, mask, method="region_growing",
                                          magnitude=magnitude, voxel_size=sizes)
-        unwrapped = fieldmap._center_components(unwrapped, mask, _TWO_PI)
+        unwrapped = fieldmap._align_components(unwrapped, mask, _TWO_PI, sizes,
+                                               energy_map(data, mask))
         turns = np.round((unwrapped - wrapped) / _TWO_PI)
         field = np.where(mask, field + turns * np.float32(period), 0).astype(np.float32)
 
