@@ -1511,20 +1511,20 @@ def separate(
         residual = empty.copy()
         residual[mask] = cost[np.arange(best.size), best]
 
+    signal_energy = energy_map(data, mask)
     if regularization == "graphcut":
         # the cut chose unwrapped fields; fix each component's multiple of the period
         if unwrap:
-            field = fieldmap._align_components(field, mask, period, sizes,
-                                               energy_map(data, mask))
+            field = fieldmap._align_components(field, mask, period, sizes, signal_energy)
         else:
             field = np.where(mask, _wrap_hz(field, period), 0).astype(np.float32)
     elif unwrap:
-        magnitude = np.sqrt((np.abs(data) ** 2).sum(axis=3)).astype(np.float32)
+        magnitude = np.sqrt(signal_energy)
         wrapped = (field * np.float32(_TWO_PI / period)).astype(np.float32)
         unwrapped = unwrap_module.unwrap(wrapped, mask, method="region_growing",
                                          magnitude=magnitude, voxel_size=sizes)
         unwrapped = fieldmap._align_components(unwrapped, mask, _TWO_PI, sizes,
-                                               energy_map(data, mask))
+                                               signal_energy)
         turns = np.round((unwrapped - wrapped) / _TWO_PI)
         field = np.where(mask, field + turns * np.float32(period), 0).astype(np.float32)
 
@@ -1581,7 +1581,7 @@ def separate(
     noise = np.where(mask, noise, 0).astype(np.float32)
     noise[mask & ~np.isfinite(var_map)] = np.float32(period)
 
-    swaps = detect_swaps(field, mask, fat_hz=fat_hz, weight=np.sqrt(energy_map(data, mask)),
+    swaps = detect_swaps(field, mask, fat_hz=fat_hz, weight=np.sqrt(signal_energy),
                          voxel_size=sizes)
     parameters["SwapCheck"] = swaps.verdict
     parameters["SwapFraction"] = round(swaps.fraction, 6)
