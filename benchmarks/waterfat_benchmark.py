@@ -228,14 +228,13 @@ def spheres_dilute(realisations: int, box: int = 96, radius: float = 3.0,
     dilute = np.array(fractions) <= 0.2
     sphere_volume = 4.0 / 3.0 * np.pi * radius**3
     theory = trabecular.static_dephasing_r2prime(1.0, -1.0, 3.0)
-    inner = (slice(margin, box - margin),) * 3
     ratios = []
     for seed in range(realisations):
         models = [trabecular.simulate_spheres(
             box, round(-np.log(1 - f) * box**3 / sphere_volume), (radius, radius), seed=seed)
             for f in fractions]
         rows = trabecular.trabecular_table(models, (-1.0,), margin=margin)
-        bvtv = np.array([m.spheres[inner].mean() for m in models])
+        bvtv = np.array([r["bvtv_r2prime"] for r in rows])
         r2prime = np.array([r["r2prime"] for r in rows])
         ratios.append(bvtv[dilute] @ r2prime[dilute] / (bvtv[dilute] @ bvtv[dilute]) / theory)
         print(f"  dilute spheres r {radius} seed {seed}: BV/TV "

@@ -408,10 +408,12 @@ def _fit_noise(
 # ---------------------------------------------------------------------------------------
 
 
-def _center_components(unwrapped: np.ndarray, mask: np.ndarray, period: float) -> np.ndarray:
+def _center_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
+                       components: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """Shift each 6-connected mask component by a multiple of ``period`` so its mean is
-    closest to 0 (resolves the global ambiguity left by spatial unwrapping)."""
-    labels, n_labels = ndimage.label(mask)
+    closest to 0 (resolves the global ambiguity left by spatial unwrapping).
+    ``components``: ``ndimage.label(mask)``, where the caller has it."""
+    labels, n_labels = ndimage.label(mask) if components is None else components
     if n_labels == 0:
         return unwrapped
     flat = labels[mask]
@@ -452,8 +454,8 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     ``weight`` (signal energy) so its mean is closest to 0, every other one so it continues
     the smooth field of the largest (its 2nd-order polynomial trend) across the gap. An
     isolated part has no neighbour to unwrap against, and the field is smooth through air."""
-    centred = _center_components(unwrapped, mask, period)
-    labels, n_labels = ndimage.label(mask)
+    labels, n_labels = components = ndimage.label(mask)
+    centred = _center_components(unwrapped, mask, period, components)
     if n_labels < 2:
         return centred
     flat = labels[mask]

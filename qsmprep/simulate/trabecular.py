@@ -128,26 +128,28 @@ def trabecular_table(
     b0_tesla: float = 3.0,
     margin: int = 0,
 ) -> list[dict[str, float]]:
-    """Rows (delta_chi ppm, BV/TV, mean recovered chi ppm, R2' 1/s) for every geometry and
-    susceptibility (fields scale linearly with delta_chi).
+    """Rows (delta_chi ppm, BV/TV, mean recovered chi ppm, R2' 1/s, BV/TV where R2' is
+    measured) for every geometry and susceptibility (fields scale linearly with delta_chi).
 
     ``margin``: voxels left out at each face of the box when measuring R2' (there are no
-    spheres beyond the box, so voxels near its faces see fewer neighbours); BV/TV and the
-    mean chi stay those of the whole box.
+    spheres beyond the box, so voxels near its faces see fewer neighbours); ``bvtv`` and the
+    mean chi stay those of the whole box, ``bvtv_r2prime`` is that of the inner box.
     """
+    measured = []  # per geometry: the inner box's BV/TV and its field outside the spheres
     for model in models:
-        if not 0 <= 2 * margin < model.spheres.shape[0] - 2:
-            raise ValueError(f"margin {margin} leaves no box of {model.spheres.shape[0]} voxels.")
+        box = model.spheres.shape[0]
+        if not 0 <= 2 * margin < box - 2:
+            raise ValueError(f"margin {margin} leaves no box of {box} voxels.")
+        inner = (slice(margin, box - margin),) * 3
+        spheres = model.spheres[inner]
+        measured.append((float(spheres.mean()), model.field_ppm_per_ppm[inner][~spheres]))
     rows = []
     for dchi in delta_chis:
-        for model in models:
-            inner = (slice(margin, model.spheres.shape[0] - margin),) * 3
-            outside = ~model.spheres[inner]
-            field_hz = ppm_to_hz(model.field_ppm_per_ppm[inner][outside] * dchi, b0_tesla)
-            fwhm = lorentzian_fwhm_hz(field_hz)
+        for model, (bvtv_inner, outside_ppm) in zip(models, measured):
+            fwhm = lorentzian_fwhm_hz(ppm_to_hz(outside_ppm * dchi, b0_tesla))
             rows.append({"delta_chi": float(dchi), "bvtv": model.bvtv,
                          "chi_mean": model.chi_mean_per_ppm * dchi,
-                         "r2prime": float(np.pi * fwhm)})
+                         "r2prime": float(np.pi * fwhm), "bvtv_r2prime": bvtv_inner})
     return rows
 
 
