@@ -49,7 +49,9 @@ def test_bipolar_phase_is_estimated_and_removed(echo_times, offset, gradient, si
     before = _run(data, echo_times, mask, phase_sign=sign)
     corrected = bipolar.correct_bipolar_phase(np.angle(data), estimate, VOXEL)
     after = _run(wf.as_complex(np.abs(data), corrected), echo_times, mask, phase_sign=sign)
-    assert np.mean(np.abs(before.pdff - pdff)[mask]) > 10  # the error the step removes
+    # the error the step removes: 7.7 / 32 points (uniform / non-uniform echoes; the plain
+    # 100 |F| / (|W| + |F|) gave 15 / 33, magnitude discrimination halves the first)
+    assert np.mean(np.abs(before.pdff - pdff)[mask]) > 5
     assert np.mean(np.abs(after.pdff - pdff)[mask]) < 2.0
     error = after.field_hz - field
     error -= np.median(error[mask])  # uniform spacing: phi + pi shifts the field uniformly

@@ -289,7 +289,7 @@ class WaterFatResult:
 
     ``field_hz`` total field (Hz, unwrapped); ``r2star`` (1/s); ``water``, ``fat`` complex
     amplitudes at TE = 0 (units of the signal); ``pdff`` proton-density fat fraction (%,
-    ``100 |F| / (|W| + |F|)``); ``noise_hz`` field standard deviation (Hz); ``residual``
+    ``100 |F| / (|W| + |F|)`` by magnitude discrimination, :func:`fat_fraction`); ``noise_hz`` field standard deviation (Hz); ``residual``
     relative residual ``||s - model||^2 / ||s||^2``; ``swaps`` the :class:`SwapReport`;
     ``parameters`` the settings (for sidecars).
     """
@@ -1559,9 +1559,7 @@ def separate(
     fat = np.zeros(shape, dtype=np.complex64)
     water[mask] = rho_w
     fat[mask] = rho_f
-    total = np.abs(water) + np.abs(fat)
-    pdff = np.where(total > 0, 100.0 * np.abs(fat) / np.maximum(total, 1e-30), 0)
-    pdff = pdff.astype(np.float32)
+    pdff = fat_fraction(water, fat)
     energy = (np.abs(voxels) ** 2).sum(axis=1)
     residual = empty.copy()
     residual[mask] = np.where(energy > 0, cost / np.maximum(energy, 1e-30), 0)
@@ -1590,6 +1588,24 @@ def separate(
         residual=residual, swaps=swaps, fat_model=model, echo_times=times,
         b0_tesla=float(b0_tesla), parameters=parameters,
     )
+
+
+def fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
+    """Proton-density fat fraction (%) from complex water and fat amplitudes, by magnitude
+    discrimination (Liu et al., MRM 2007;58:354).
+
+    ``100 |F| / (|W| + |F|)`` overstates small fractions (and understates large ones): noise
+    adds to the smaller amplitude's magnitude. Each voxel's dominant species is measured
+    against the sum signal instead, ``100 (1 - |W| / |W + F|)`` where ``|W| >= |F|`` and
+    ``100 |F| / |W + F|`` elsewhere, clipped to [0, 100]; without noise both give the same.
+    Float32, 0 where both amplitudes are 0.
+    """
+    water_abs, fat_abs = np.abs(water), np.abs(fat)
+    total = np.abs(water + fat)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(water_abs >= fat_abs, 1.0 - water_abs / total, fat_abs / total)
+    fraction = np.where(total > 0, np.clip(np.nan_to_num(fraction), 0.0, 1.0), 0.0)
+    return (100.0 * fraction).astype(np.float32)
 
 
 def energy_map(signal: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -189,6 +189,11 @@ BIBTEX: dict[str, str] = {
   title = {Multi-scale graph-cut algorithm for efficient water-fat separation},
   journal = {Magnetic Resonance in Medicine}, volume = {78}, number = {3}, pages = {941--949},
   year = {2017}, doi = {10.1002/mrm.26479}}""",
+    "pdff_md": """@article{pdff_md,
+  author = {Liu, Chia-Ying and McKenzie, Charles A. and Yu, Huanzhou and Brittain, Jean H. and Reeder, Scott B.},
+  title = {Fat quantification with {IDEAL} gradient echo imaging: correction of bias from {T1} and noise},
+  journal = {Magnetic Resonance in Medicine}, volume = {58}, number = {2}, pages = {354--364},
+  year = {2007}, doi = {10.1002/mrm.21301}}""",
     "fat_ismrm": """@article{fat_ismrm,
   author = {Hamilton, Gavin and Yokoo, Takeshi and Bydder, Mark and others},
   title = {In vivo characterization of the liver fat {1H} {MR} spectrum},
@@ -214,7 +219,7 @@ BIBTEX: dict[str, str] = {
 #: Citation keys of each method value of the configuration.
 METHOD_CITATIONS: dict[str, tuple[str, ...]] = {
     "nlfit": ("nlfit",), "linear": ("mcpc3ds",),
-    "waterfat": ("varpro", "graphcut_hernando", "graphcut"),
+    "waterfat": ("varpro", "graphcut_hernando", "graphcut", "pdff_md"),
     "inphase": ("nlfit",),
     "region_growing": ("romeo",), "romeo": ("romeo",), "laplacian": ("laplacian",),
     "reliability": ("reliability",),
@@ -368,8 +373,9 @@ def describe_qsm(
                 "variable-projection grid search [@varpro], coarse-to-fine graph-cut "
                 "regularisation of the water/fat ambiguity by max-flow jump moves "
                 "[@graphcut_hernando; @graphcut], which also unwrapped the field, and continuous "
-                "refinement; water, fat and proton-density fat-fraction maps and R2* came "
-                "from the same fit, and a swap detector checked the field for water/fat "
+                "refinement; water, fat and R2* maps came from the same fit, the "
+                "proton-density fat fraction by magnitude discrimination [@pdff_md], and a "
+                "swap detector checked the field for water/fat "
                 "swaps.")
         elif options.fieldmap_method == "inphase":
             sentences.append(
