@@ -470,3 +470,28 @@ def test_fat_fraction_by_magnitude_discrimination_removes_the_noise_bias():
     water = np.array([1.0, 0.7, 0.0, 0.0]) * np.exp(0.4j)
     fat = np.array([0.0, 0.3, 0.5, 0.0]) * np.exp(0.4j)
     np.testing.assert_allclose(wf.fat_fraction(water, fat), [0.0, 30.0, 100.0, 0.0], atol=1e-4)
+
+
+def test_slice_and_toolbox_layouts_and_the_default_mask():
+    """One slice ``[x, y, echo]`` (2D mask, in-plane voxel size) and the ISMRM 2012 toolbox's
+    ``[x, y, z, coil=1, echo]`` give the ``[x, y, z, echo]`` result in the caller's shape;
+    without a mask the body mask of the magnitudes is fitted and returned."""
+    signal, mask, field, pdff, _ = _volume(UNIFORM_TE, shape=(40, 40, 4))
+    reference = _run(signal, UNIFORM_TE, mask)
+    toolbox = _run(signal[:, :, :, None, :], UNIFORM_TE, mask)
+    for name in ("field_hz", "pdff", "r2star", "water", "mask"):
+        np.testing.assert_array_equal(getattr(toolbox, name), getattr(reference, name))
+    one = signal[:, :, 1]
+    single = wf.separate(one, UNIFORM_TE, mask[:, :, 1], b0_tesla=B0, voxel_size=(2.0, 2.0))
+    stacked = _run(one[:, :, None], UNIFORM_TE, mask[:, :, 1:2])
+    assert single.pdff.shape == single.field_hz.shape == (40, 40)
+    np.testing.assert_array_equal(single.pdff, stacked.pdff[:, :, 0])
+    assert np.median(np.abs(single.field_hz - field[:, :, 1])[mask[:, :, 1]]) < 1.0
+    automatic = _run(signal, UNIFORM_TE, None)
+    assert automatic.mask.dtype == bool
+    assert np.mean(automatic.mask == mask) > 0.99  # measured: identical
+    inside = automatic.mask & mask
+    assert np.mean(np.abs(automatic.pdff - pdff)[inside]) < 2.0
+    assert not automatic.pdff[~automatic.mask].any()
+    with pytest.raises(ValueError, match="2 coils"):
+        _run(np.repeat(signal[:, :, :, None, :], 2, axis=3), UNIFORM_TE, mask)

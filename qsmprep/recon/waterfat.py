@@ -73,6 +73,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import fieldmap
+from . import mask as mask_module
 from . import unwrap as unwrap_module
 from .dipole import GAMMA_BAR_MHZ_PER_T
 
@@ -285,12 +286,14 @@ class PhaseSignCheck:
 
 @dataclasses.dataclass
 class WaterFatResult:
-    """Result of :func:`separate` (all maps float32/complex64 ``[x, y, z]``, 0 outside mask).
+    """Result of :func:`separate` (all maps float32/complex64 with the signal's spatial shape,
+    0 outside the mask).
 
     ``field_hz`` total field (Hz, unwrapped); ``r2star`` (1/s); ``water``, ``fat`` complex
     amplitudes at TE = 0 (units of the signal); ``pdff`` proton-density fat fraction (%,
     ``100 |F| / (|W| + |F|)`` by magnitude discrimination, :func:`fat_fraction`); ``noise_hz`` field standard deviation (Hz); ``residual``
-    relative residual ``||s - model||^2 / ||s||^2``; ``swaps`` the :class:`SwapReport`;
+    relative residual ``||s - model||^2 / ||s||^2``; ``mask`` the voxels fitted (boolean);
+    ``swaps`` the :class:`SwapReport`;
     ``parameters`` the settings (for sidecars).
     """
 
@@ -301,6 +304,7 @@ class WaterFatResult:
     pdff: np.ndarray
     noise_hz: np.ndarray
     residual: np.ndarray
+    mask: np.ndarray
     swaps: SwapReport
     fat_model: FatModel
     echo_times: np.ndarray
@@ -327,10 +331,41 @@ def as_complex(magnitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
     return (magnitude * np.exp(1j * phase)).astype(np.complex64)
 
 
+def _echo_volume(signal, echo_times, mask, voxel_size, b0_tesla):
+    """The signal as ``[x, y, z, echo]``, its mask, voxel size and the caller's spatial shape.
+
+    Accepts ``[x, y, z, echo]``, one slice ``[x, y, echo]`` and the ISMRM 2012 toolbox's
+    ``[x, y, z, coil, echo]`` with one coil; ``mask`` None: :func:`mask.body_mask` of the
+    echo magnitudes; a slice may come with an in-plane voxel size (2 values).
+    """
+    data = np.asarray(signal)
+    if data.ndim == 5:
+        if data.shape[3] != 1:
+            raise ValueError(
+                f"signal [x, y, z, coil, echo] {data.shape} has {data.shape[3]} coils; combine "
+                "the coils first (water-fat separation needs one complex signal per voxel).")
+        data = data[:, :, :, 0, :]
+    elif data.ndim == 3:
+        data = data[:, :, None, :]
+    spatial = np.shape(signal)[:2] if np.ndim(signal) == 3 else data.shape[:3]
+    sizes = [float(v) for v in np.ravel(voxel_size)]
+    if len(sizes) == 2 and data.ndim == 4 and data.shape[2] == 1:
+        sizes.append(1.0)  # one slice: no neighbours through the plane
+    if mask is None:
+        data, _, _ = _check_inputs(data, echo_times, np.ones(data.shape[:3], bool), b0_tesla, 1)
+        mask = mask_module.body_mask(np.abs(data), voxel_size=fieldmap._check_voxel_size(sizes))
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim == 2 and data.ndim == 4 and data.shape[2] == 1:
+            mask = mask[:, :, None]
+    return data, mask, sizes, spatial
+
+
 def _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign):
     data = np.asarray(signal)
     if data.ndim != 4:
-        raise ValueError(f"signal must be 4D complex [x, y, z, echo], got shape {data.shape}.")
+        raise ValueError(f"signal must be complex [x, y, z, echo] (or one slice [x, y, echo]), "
+                         f"got shape {np.shape(signal)}.")
     if not np.iscomplexobj(data):
         raise ValueError("signal must be complex (use as_complex(magnitude, phase)).")
     times = np.asarray(echo_times, dtype=np.float64).ravel()
@@ -1390,7 +1425,7 @@ def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) 
 def separate(
     signal: np.ndarray,
     echo_times: Sequence[float],
-    mask: np.ndarray,
+    mask: np.ndarray | None = None,
     *,
     b0_tesla: float,
     voxel_size: Sequence[float],
@@ -1412,15 +1447,18 @@ def separate(
     Parameters
     ----------
     signal
-        Complex ``[x, y, z, echo]`` (3-16 echoes; see :func:`as_complex`).
+        Complex ``[x, y, z, echo]`` (3-16 echoes; see :func:`as_complex`); also one slice
+        ``[x, y, echo]`` and the ISMRM 2012 toolbox's ``[x, y, z, coil, echo]`` with one coil.
+        The maps come back with the signal's spatial shape.
     echo_times
         Echo times (s), strictly increasing, uniform or not.
     mask
-        Voxels to fit (non-finite voxels are dropped).
+        Voxels to fit (non-finite voxels are dropped); None: the signal mask of
+        :func:`qsmprep.recon.mask.body_mask` (several parts, holes filled).
     b0_tesla
         Main field (T); sets the fat frequencies.
     voxel_size
-        Voxel size (mm), for unwrapping and the swap check.
+        Voxel size (mm), for unwrapping and the swap check (in-plane only for one slice).
     fat_model
         Built-in name (:data:`FAT_MODELS`: ``ismrm``, ``ren_marrow``, ``scanner7``,
         ``single``) or a :class:`FatModel` (:func:`fat_model_from_table`).
@@ -1456,6 +1494,8 @@ def separate(
         Voxels per block of the grid search (memory: about ``chunk x 4 x n_psi x n_R2*``
         bytes).
     """
+    signal, mask, voxel_size, spatial_shape = _echo_volume(signal, echo_times, mask,
+                                                           voxel_size, b0_tesla)
     model = get_fat_model(fat_model)
     sign_check = check_phase_sign(signal, echo_times, mask, b0_tesla=b0_tesla,
                                   fat_model=model, water_ppm=water_ppm,
@@ -1583,11 +1623,11 @@ def separate(
                          voxel_size=sizes)
     parameters["SwapCheck"] = swaps.verdict
     parameters["SwapFraction"] = round(swaps.fraction, 6)
+    maps = {"field_hz": field, "r2star": r2star, "water": water, "fat": fat, "pdff": pdff,
+            "noise_hz": noise, "residual": residual, "mask": mask}
     return WaterFatResult(
-        field_hz=field, r2star=r2star, water=water, fat=fat, pdff=pdff, noise_hz=noise,
-        residual=residual, swaps=swaps, fat_model=model, echo_times=times,
-        b0_tesla=float(b0_tesla), parameters=parameters,
-    )
+        **{name: image.reshape(spatial_shape) for name, image in maps.items()}, swaps=swaps,
+        fat_model=model, echo_times=times, b0_tesla=float(b0_tesla), parameters=parameters)
 
 
 def fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
