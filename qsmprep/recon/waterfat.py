@@ -21,7 +21,8 @@ Pipeline of :func:`separate`:
    ``[voxels x E^2] @ [E^2 x (n_R2* n_psi)]`` evaluates every grid point for every voxel.
    The psi grid spans one period ``1/min(dTE)`` (the residual's period for uniform echoes).
 2. **Candidates.** The (up to ``n_candidates``) lowest local minima over psi (minimised over
-   R2*) per voxel, refined to sub-grid precision by parabolic interpolation. Water/fat
+   R2*, between the R2* grid points by parabolic interpolation) per voxel, refined to
+   sub-grid precision in psi by parabolic interpolation. Water/fat
    ambiguity: pure water and pure fat voxels have two near-equal minima about the main fat
    frequency apart.
 3. **Spatial regularisation** (``regularization=``, default ``"graphcut"``). A graph cut
@@ -35,7 +36,9 @@ Pipeline of :func:`separate`:
    on a pyramid of 2x2x2 block sums of the residual curves (like hmrGC): coarse levels use
    edge-stopping pair weights (links through partial-volume voxels next to air are cut, as
    the field may jump there by more than the water/fat alias), the finest level refines
-   locally with plain signal weights (:func:`graphcut_field`). ``"multires"`` is
+   locally with plain signal weights (:func:`graphcut_field`); a last move tries each
+   connected part of the mask whole at its water/fat aliases (an isolated pure-fat part
+   otherwise keeps what the coarse levels chose). ``"multires"`` is
    the earlier iterated-conditional-modes pyramid (:func:`regularized_field`): each voxel
    takes the candidate minimising ``residual + smoothness (d(psi, psi_smooth) / f_fat)^2``
    against a Gaussian phasor average of its neighbourhood. ``"none"``: best minimum per
@@ -483,10 +486,28 @@ def grid_residuals(
         projected = (features @ kernel).reshape(stop - start, n_r, n_q)
         best = np.argmax(projected, axis=1)
         index[start:stop] = best
-        cost[start:stop] = 1.0 - np.take_along_axis(projected, best[:, None, :], axis=1)[:, 0]
+        cost[start:stop] = 1.0 - _vertex_over_r2star(projected, best, r2s)
     np.clip(cost, 0.0, 1.0, out=cost)
     cost[energy <= 0] = 1.0
     return cost, index, energy
+
+
+def _vertex_over_r2star(projected: np.ndarray, best: np.ndarray, r2s: np.ndarray) -> np.ndarray:
+    """Maximum over R2* of ``projected`` (N, R, Q) between the grid points: the vertex of the
+    parabola through the best R2* grid point and its two neighbours (non-uniform grid), at
+    least the grid maximum; at the grid's ends the grid maximum."""
+    inner = np.clip(best, 1, r2s.size - 2)
+    y0, y1, y2 = np.moveaxis(np.take_along_axis(
+        projected, inner[:, None, :] + np.arange(-1, 2)[None, :, None], axis=1), 1, 0)
+    x0, x1, x2 = (r2s[inner + k].astype(np.float32) for k in (-1, 0, 1))
+    slope01, slope12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    curvature = (slope12 - slope01) / (x2 - x0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vertex = np.clip(0.5 * (x0 + x1) - slope01 / (2 * curvature), x0, x2)
+    value = y0 + (vertex - x0) * (slope01 + curvature * (vertex - x1))
+    peak = np.where(best < inner, y0, np.where(best > inner, y2, y1))
+    interior = (best == inner) & (curvature < 0)
+    return np.where(interior, np.maximum(np.nan_to_num(value, nan=-np.inf), peak), peak)
 
 
 #: voxels per block of the candidate search (its temporaries take ~25 bytes per grid point)
@@ -1006,6 +1027,8 @@ def graphcut_field(
       kept (with 2 local levels a 10-voxel organ behind a gas gap was eroded and swapped,
       tests/test_waterfat.py). Coarse levels with more than ``full_graph_voxels`` voxels
       are band-limited too (the band found anew every sweep), for speed.
+    * Last, each connected part of the mask moves whole to its candidates nearest the
+      field plus a water/fat alias shift where that lowers its energy (:func:`_move_parts`).
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
@@ -1065,7 +1088,13 @@ def graphcut_field(
                 field = field[tuple(nearest)]
             prior = _upsample(field, levels[level - 1][0].shape, axes)
             curves[level] = None
-    LOGGER.debug("waterfat graph cut: %d levels, %d cuts", len(levels), total_cuts)
+    alias = float(fat_hz) % period  # water <-> fat, either way, within one period
+    aliases = (alias, alias - period, -alias, period - alias)
+    state, moved = _move_parts(psi_c, res_c, count, e, p, q, w_pq, period, state,
+                               ndimage.label(mask)[0][mask], aliases)
+    psi, res = _candidate_state(psi_c, res_c, count, period, state)
+    LOGGER.debug("waterfat graph cut: %d levels, %d cuts, %d parts moved whole", len(levels),
+                  total_cuts, moved)
     rows = np.arange(state.size)
     k = state % count
     field = np.zeros(mask.shape, dtype=np.float32)
@@ -1075,6 +1104,35 @@ def graphcut_field(
     relative = np.zeros(mask.shape, dtype=np.float32)
     relative[mask] = res
     return field, r2, relative
+
+
+def _move_parts(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, labels, shifts):
+    """Move each connected part of the mask as a whole to the candidates nearest its field
+    plus a shift (the water/fat aliases) where that lowers the part's energy. Parts share no
+    pair, so each part's choice is exact; the band-limited finest level cannot flip a part
+    that the coarse levels decided. Returns the states and the number of parts moved."""
+    n_parts = int(labels.max(initial=0)) + 1
+
+    def part_energy(state):
+        psi, res = _candidate_state(psi_c, res_c, count, period, state)
+        return (np.bincount(labels, data_weight * res, minlength=n_parts)
+                + np.bincount(labels[p], w_pq * (psi[p] - psi[q]) ** 2, minlength=n_parts))
+
+    best = part_energy(state)
+    chosen = np.zeros(n_parts, dtype=np.int64)
+    trials = [state]
+    for index, shift in enumerate(shifts, start=1):
+        psi, _ = _candidate_state(psi_c, res_c, count, period, state)
+        trials.append(_nearest_state(psi + shift, psi_c, count, period))
+        energy = part_energy(trials[-1])
+        better = energy < best - 1e-9 * np.abs(best)
+        chosen[better] = index
+        best = np.where(better, energy, best)
+    result = state.copy()
+    for index in range(1, len(trials)):
+        take = chosen[labels] == index
+        result[take] = trials[index][take]
+    return result, int(np.count_nonzero(chosen[1:]))
 
 
 def _strong(energy: np.ndarray) -> np.ndarray:
