@@ -356,7 +356,8 @@ def _echo_volume(signal, echo_times, mask, voxel_size, b0_tesla):
         sizes.append(1.0)  # one slice: no neighbours through the plane
     if mask is None:
         data, _, _ = _check_inputs(data, echo_times, np.ones(data.shape[:3], bool), b0_tesla, 1)
-        mask = mask_module.body_mask(np.abs(data), voxel_size=fieldmap._check_voxel_size(sizes))
+        mask = mask_module.body_mask(np.nan_to_num(np.abs(data)),
+                                     voxel_size=fieldmap._check_voxel_size(sizes))
     else:
         mask = np.asarray(mask, dtype=bool)
         if mask.ndim == 2 and data.ndim == 4 and data.shape[2] == 1:
