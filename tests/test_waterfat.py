@@ -16,6 +16,7 @@ from qsmprep.simulate import body
 
 B0 = 3.0
 UNIFORM_TE = 1.2e-3 + 1.0e-3 * np.arange(6)
+ISMRM12_TE = 1.744e-3 + 3.076e-3 * np.arange(4)  # ISMRM 2012 case 12 timing (1.5 T)
 
 
 def _volume(echo_times, *, snr=50.0, field_scale=1.0, seed=0, shape=(48, 48, 10),
@@ -139,7 +140,7 @@ def test_graphcut_keeps_an_organ_behind_a_gas_gap():
     ff = np.where(organ, 0.03, ff)
     amplitude = np.where(ring, 0.05, 1.0) * body_mask
     field = 20 * x - 15 * y + 130 * np.clip((0.38 - rs) / 0.08, 0, 1) * (organ | ring)
-    te = 1.744e-3 + 3.076e-3 * np.arange(4)
+    te = ISMRM12_TE
     c = wf.fat_signal(te, 1.5, "ismrm")
     signal = amplitude[..., None] * ((1 - ff)[..., None] + ff[..., None] * c) * np.exp(
         (-30 + 2j * np.pi * field[..., None]) * te)
@@ -228,13 +229,25 @@ def test_field_beyond_one_period_is_unwrapped():
     assert np.mean(np.abs(error[mask]) > 100) < 0.002
 
 
+def _slab(fraction, field2d, area, nz, seed):
+    """1.5 T, ISMRM 12 echo times: a 2D water-fat pattern (fraction, field Hz) repeated over
+    ``nz`` slices, R2* 40/s, complex noise at SNR 50 -> (signal complex64, mask, field)."""
+    rng = np.random.default_rng(seed)
+    c = wf.fat_signal(ISMRM12_TE, 1.5, "ismrm")
+    signal2d = ((1 - fraction)[..., None] + fraction[..., None] * c) * np.exp(
+        (-40 + 2j * np.pi * field2d[..., None]) * ISMRM12_TE) * area[..., None]
+    signal = np.repeat(signal2d[:, :, None], nz, axis=2)
+    signal = signal + (rng.standard_normal(signal.shape)
+                       + 1j * rng.standard_normal(signal.shape)) / 50 / np.sqrt(2)
+    return (signal.astype(np.complex64), np.repeat(area[:, :, None], nz, axis=2),
+            np.repeat(field2d[:, :, None], nz, axis=2))
+
+
 def test_isolated_parts_continue_the_field_across_air():
     """Two limbs and an arm-like part with no voxel between them (1.5 T, 4 echoes, period
     325 Hz): the field runs from about -140 to +420 Hz, so each isolated part sits a period
     or more off 0 Hz. Each must continue the smooth field of the largest part; centring each
     part on 0 Hz on its own (as before) put them a whole period off."""
-    rng = np.random.default_rng(5)
-    te = 1.744e-3 + 3.076e-3 * np.arange(4)
     nx, ny, nz = 96, 96, 8
     x, y = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, ny), indexing="ij")
     parts = [np.hypot(x + 0.3, y) < 0.5, np.hypot(x - 0.55, y - 0.55) < 0.18,
@@ -244,17 +257,10 @@ def test_isolated_parts_continue_the_field_across_air():
                            np.hypot(x - 0.6, y + 0.5) < 0.1], axis=0)
     fraction = np.where(ring, 0.95, 0.1)  # muscle in a ring of subcutaneous fat
     field2d = 150 * x + 75 * y + 300 * (x * x + y * y) + 20
-    c = wf.fat_signal(te, 1.5, "ismrm")
-    signal2d = ((1 - fraction)[..., None] + fraction[..., None] * c) * np.exp(
-        (-40 + 2j * np.pi * field2d[..., None]) * te) * area[..., None]
-    signal = np.repeat(signal2d[:, :, None], nz, axis=2)
-    signal = signal + (rng.standard_normal(signal.shape)
-                       + 1j * rng.standard_normal(signal.shape)) / 50 / np.sqrt(2)
-    mask = np.repeat(area[:, :, None], nz, axis=2)
-    field = np.repeat(field2d[:, :, None], nz, axis=2)
+    signal, mask, field = _slab(fraction, field2d, area, nz, seed=5)
     assert ndimage.label(mask)[1] == 3 and field[mask].max() > 400
-    result = wf.separate(signal.astype(np.complex64), te, mask, b0_tesla=1.5,
-                         voxel_size=(2.0, 2.0, 4.0), fat_model="ismrm")
+    result = wf.separate(signal, ISMRM12_TE, mask, b0_tesla=1.5, voxel_size=(2.0, 2.0, 4.0),
+                         fat_model="ismrm")
     for part in parts:
         inside = np.repeat(part[:, :, None], nz, axis=2)
         assert np.median(np.abs(result.field_hz - field)[inside]) < 2.0
@@ -268,8 +274,6 @@ def test_isolated_pure_fat_and_water_parts_are_not_swapped():
     as the true one, so only the data can decide. The coarse levels of the cut swapped the fat
     disc (PDFF off by 93 points, field by 101 Hz); the final whole-part move tries each
     part's water/fat aliases at full resolution and keeps the lower energy."""
-    rng = np.random.default_rng(0)
-    te = 1.744e-3 + 3.076e-3 * np.arange(4)
     nx, nz = 96, 4
     x, y = np.meshgrid(np.linspace(-1, 1, nx), np.linspace(-1, 1, nx), indexing="ij")
     body = np.hypot(x + 0.35, y) < 0.5
@@ -277,18 +281,10 @@ def test_isolated_pure_fat_and_water_parts_are_not_swapped():
     fraction = np.where(body & (np.hypot(x + 0.35, y) > 0.42), 0.95, 0.05)
     fraction[fat_disc], fraction[water_disc] = 1.0, 0.0
     area = body | fat_disc | water_disc
-    field2d = 20 + 300 * (x + y / 2)
-    c = wf.fat_signal(te, 1.5, "ismrm")
-    signal2d = ((1 - fraction)[..., None] + fraction[..., None] * c) * np.exp(
-        (-40 + 2j * np.pi * field2d[..., None]) * te) * area[..., None]
-    signal = np.repeat(signal2d[:, :, None], nz, axis=2)
-    signal = signal + (rng.standard_normal(signal.shape)
-                       + 1j * rng.standard_normal(signal.shape)) / 50 / np.sqrt(2)
-    result = wf.separate(signal.astype(np.complex64), te, np.repeat(area[:, :, None], nz, 2),
-                         b0_tesla=1.5, voxel_size=(2.0, 2.0, 4.0))
+    signal, mask, truth = _slab(fraction, 20 + 300 * (x + y / 2), area, nz, seed=0)
+    result = wf.separate(signal, ISMRM12_TE, mask, b0_tesla=1.5, voxel_size=(2.0, 2.0, 4.0))
     for part in (body, fat_disc, water_disc):
         inside = np.repeat(part[:, :, None], nz, axis=2)
-        truth = np.repeat(field2d[:, :, None], nz, axis=2)
         assert np.median(np.abs(result.field_hz - truth)[inside]) < 2.0
         pdff = np.repeat(100 * fraction[:, :, None], nz, axis=2)
         assert np.median(np.abs(result.pdff - pdff)[inside]) < 2.0

@@ -294,10 +294,10 @@ class WaterFatResult:
 
     ``field_hz`` total field (Hz, unwrapped); ``r2star`` (1/s); ``water``, ``fat`` complex
     amplitudes at TE = 0 (units of the signal); ``pdff`` proton-density fat fraction (%,
-    ``100 |F| / (|W| + |F|)`` by magnitude discrimination, :func:`fat_fraction`); ``noise_hz`` field standard deviation (Hz); ``residual``
-    relative residual ``||s - model||^2 / ||s||^2``; ``mask`` the voxels fitted (boolean);
-    ``swaps`` the :class:`SwapReport`;
-    ``parameters`` the settings (for sidecars).
+    ``100 |F| / (|W| + |F|)`` by magnitude discrimination, :func:`fat_fraction`);
+    ``noise_hz`` field standard deviation (Hz); ``residual`` relative residual
+    ``||s - model||^2 / ||s||^2``; ``mask`` the voxels fitted (boolean); ``swaps`` the
+    :class:`SwapReport`; ``parameters`` the settings (for sidecars).
     """
 
     field_hz: np.ndarray
@@ -342,6 +342,7 @@ def _echo_volume(signal, echo_times, mask, voxel_size, b0_tesla):
     echo magnitudes; a slice may come with an in-plane voxel size (2 values).
     """
     data = np.asarray(signal)
+    spatial = data.shape[:2] if data.ndim == 3 else data.shape[:3]
     if data.ndim == 5:
         if data.shape[3] != 1:
             raise ValueError(
@@ -350,7 +351,6 @@ def _echo_volume(signal, echo_times, mask, voxel_size, b0_tesla):
         data = data[:, :, :, 0, :]
     elif data.ndim == 3:
         data = data[:, :, None, :]
-    spatial = np.shape(signal)[:2] if np.ndim(signal) == 3 else data.shape[:3]
     sizes = [float(v) for v in np.ravel(voxel_size)]
     if len(sizes) == 2 and data.ndim == 4 and data.shape[2] == 1:
         sizes.append(1.0)  # one slice: no neighbours through the plane
@@ -1114,18 +1114,17 @@ def _move_parts(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, lab
     that the coarse levels decided. Returns the states and the number of parts moved."""
     n_parts = int(labels.max(initial=0)) + 1
 
-    def part_energy(state):
-        psi, res = _candidate_state(psi_c, res_c, count, period, state)
+    def part_energy(psi, res):
         return (np.bincount(labels, data_weight * res, minlength=n_parts)
                 + np.bincount(labels[p], w_pq * (psi[p] - psi[q]) ** 2, minlength=n_parts))
 
-    best = part_energy(state)
+    psi, res = _candidate_state(psi_c, res_c, count, period, state)
+    best = part_energy(psi, res)
     chosen = np.zeros(n_parts, dtype=np.int64)
     trials = [state]
     for index, shift in enumerate(shifts, start=1):
-        psi, _ = _candidate_state(psi_c, res_c, count, period, state)
         trials.append(_nearest_state(psi + shift, psi_c, count, period))
-        energy = part_energy(trials[-1])
+        energy = part_energy(*_candidate_state(psi_c, res_c, count, period, trials[-1]))
         better = energy < best - 1e-9 * np.abs(best)
         chosen[better] = index
         best = np.where(better, energy, best)
@@ -1527,8 +1526,9 @@ def separate(
         +1: phase grows as ``+2 pi f t`` (ISMRM 2012 toolbox ``PrecessionIsClockwise =
         1``); -1: the opposite handedness (``PrecessionIsClockwise = 0``), conjugates the
         data; ``"auto"`` (default): the sign the fat signal supports
-        (:func:`check_phase_sign`), +1 where it is inconclusive. The check also runs for a given sign and warns when the fat
-        signal contradicts it (a wrong sign swaps water and fat everywhere).
+        (:func:`check_phase_sign`), +1 where it is inconclusive. The check also runs for a
+        given sign and warns when the fat signal contradicts it (a wrong sign swaps water
+        and fat everywhere).
     smoothness
         Weight of the field-smoothness term of the regularisation (``graphcut``: times
         :data:`GRAPHCUT_SCALE`, per squared main-fat-frequency step between neighbours
