@@ -160,8 +160,8 @@ def _evaluation(folder: Path, case: str) -> np.ndarray:
 def ismrm_stress() -> None:
     """The challenge cases perturbed the ways other data differ (graph cut defaults): the
     voxel size handed in (the files carry none), echo subsets, each slice alone, an added
-    linear or quadratic field of 150 or 400 Hz across the field of view, complex noise of 2%
-    of the 99th-percentile magnitude."""
+    linear, quadratic or x-y field of +-150 to +-2000 Hz across the field of view (at 1000 Hz
+    also without the field trend), complex noise of 2% of the 99th-percentile magnitude."""
     folder = _ismrm_folder()
     if folder is None:
         return
@@ -180,11 +180,16 @@ def ismrm_stress() -> None:
             _score(f"case {case} slice {z} alone", img[one], te, *args, ref[one],
                    evaluation[one])
         x, y, _ = np.meshgrid(*[np.linspace(-1, 1, n) for n in img.shape[:3]], indexing="ij")
-        for kind, shape in (("linear x", x), ("linear y", y), ("quadratic", x**2 + y**2 - 0.5)):
-            for amplitude in (150.0, 400.0):
+        for kind, shape in (("linear x", x), ("linear y", y), ("quadratic", x**2 + y**2 - 0.5),
+                            ("x y", x * y)):
+            for amplitude in (150.0, 400.0, 1000.0, 2000.0):
                 phase = sign * 2j * np.pi * amplitude * shape[..., None] * te
-                _score(f"case {case} + {kind} field {amplitude:.0f} Hz",
-                       img * np.exp(phase).astype(np.complex64), te, *args, ref, evaluation)
+                perturbed = img * np.exp(phase).astype(np.complex64)
+                _score(f"case {case} + {kind} field {amplitude:.0f} Hz", perturbed, te, *args,
+                       ref, evaluation)
+                if amplitude == 1000.0:
+                    _score(f"case {case} + {kind} field {amplitude:.0f} Hz, no field trend",
+                           perturbed, te, *args, ref, evaluation, detrend=False)
         sigma = 0.02 * np.percentile(np.abs(img), 99)
         noise = sigma * (rng.standard_normal(img.shape) + 1j * rng.standard_normal(img.shape))
         _score(f"case {case} + noise 2%", img + noise.astype(np.complex64), te, *args, ref,
