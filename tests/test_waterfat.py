@@ -218,8 +218,10 @@ def test_strong_b0_gradient_does_not_swap_regions():
             assert np.median(error) < 1.0 and np.mean(error > 100) < 0.002
             assert np.abs(result.pdff - pdff)[mask].mean() < 1.5
             assert result.parameters["FieldTrendRangeHz"] > 2000
+            assert result.swaps.verdict == "none"  # checked on the field less its trend
         else:  # what the trend prevents
             assert np.mean(error > 100) > 0.3
+            assert result.swaps.verdict == "swapped"
 
 
 def test_non_uniform_echoes_three_and_sixteen():

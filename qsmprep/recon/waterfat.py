@@ -1828,7 +1828,9 @@ def separate(
     noise = np.where(mask, noise, 0).astype(np.float32)
     noise[mask & ~np.isfinite(var_map)] = np.float32(period)
 
-    swaps = detect_swaps(field, mask, fat_hz=fat_hz, weight=np.sqrt(signal_energy),
+    # on the field without its trend: a strong gradient is neither a departure from the
+    # smooth surroundings nor a neighbour jump
+    swaps = detect_swaps(field - trend, mask, fat_hz=fat_hz, weight=np.sqrt(signal_energy),
                          voxel_size=sizes)
     parameters["SwapCheck"] = swaps.verdict
     parameters["SwapFraction"] = round(swaps.fraction, 6)
