@@ -199,7 +199,8 @@ def test_without_regularisation_swaps_are_detected(caplog):
 
 def test_field_trend_follows_the_field_through_water_and_fat():
     signal, mask, field, _, _ = _volume(UNIFORM_TE, seed=4, field_scale=8.0)
-    trend = wf.field_trend(signal, mask, UNIFORM_TE, (2.0, 2.0, 2.0), 1000.0)
+    trend = wf.field_trend(signal, mask, UNIFORM_TE, (2.0, 2.0, 2.0), 1000.0,
+                           wf.energy_map(signal, mask))
     energy = (np.abs(signal[mask]) ** 2).sum(axis=1)
     error = np.abs(trend[mask] - (field[mask] - np.average(field[mask], weights=energy)))
     assert np.ptp(field[mask]) > 2000

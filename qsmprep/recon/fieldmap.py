@@ -426,10 +426,20 @@ def _center_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     return result
 
 
+def grid_coordinates(shape: Sequence[int], voxel_size: Sequence[float]) -> list[np.ndarray]:
+    """Per-axis voxel coordinates (dm, 0 at the grid centre) of the polynomial trends."""
+    return [(np.arange(n) - (n - 1) / 2.0) * float(v) / 100.0 for n, v in zip(shape, voxel_size)]
+
+
+def quadratic_terms(x, y, z) -> list:
+    """The terms of a 2nd-order polynomial in ``x, y, z`` (arrays that broadcast), the
+    constant first (as the scalar 1.0)."""
+    return [1.0, x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+
+
 def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.ndarray:
     """Weighted least-squares fit of a 2nd-order polynomial in x, y, z (mm) to ``values``."""
-    coords = [(np.arange(n) - (n - 1) / 2.0) * float(v) / 100.0
-              for n, v in zip(values.shape, voxel_size)]
+    coords = grid_coordinates(values.shape, voxel_size)
     # fit on every other voxel along each axis (an eighth of the voxels is plenty)
     sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in values.shape)
     w_sub = weight[sub]
@@ -438,13 +448,10 @@ def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.
         return np.zeros(values.shape, dtype=np.float32)
     grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
     x, y, z = (g[inside] for g in grids)
-    design = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z],
-                      axis=1)
+    design = np.stack(np.broadcast_arrays(*quadratic_terms(x, y, z)), axis=1)
     sw = np.sqrt(w_sub[inside].astype(np.float64))
     coef, *_ = np.linalg.lstsq(design * sw[:, None], values[sub][inside] * sw, rcond=None)
-    gx, gy, gz = np.ix_(*coords)
-    full = [1.0, gx, gy, gz, gx * gx, gy * gy, gz * gz, gx * gy, gx * gz, gy * gz]
-    trend = sum(cf * t for cf, t in zip(coef, full))
+    trend = sum(cf * t for cf, t in zip(coef, quadratic_terms(*np.ix_(*coords))))
     return np.broadcast_to(trend, values.shape).astype(np.float32)
 
 

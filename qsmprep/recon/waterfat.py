@@ -49,7 +49,7 @@ Pipeline of :func:`separate`:
    takes the candidate minimising ``residual + smoothness (d(psi, psi_smooth) / f_fat)^2``
    against a Gaussian phasor average of its neighbourhood. ``"none"``: best minimum per
    voxel (swaps). Measured in ``benchmarks/RESULTS.md``: ISMRM 2012 challenge case 12
-   (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.58 points with the graph cut (multires 5.83,
+   (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.58 points with the graph cut (multires 6.04,
    swapped spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
 4. **Spatial unwrapping.** The graph cut chooses unwrapped fields; ``multires`` unwraps
    ``2 pi psi / period`` by region growing (exact multiples). The connected part of most
@@ -518,6 +518,15 @@ def _vertex_over_r2star(projected: np.ndarray, best: np.ndarray, r2s: np.ndarray
     return np.where(interior, np.maximum(np.nan_to_num(value, nan=-np.inf), peak), peak)
 
 
+def _vertex_offset(left, centre, right, valid) -> np.ndarray:
+    """Offset (grid steps, within +-0.5) of the vertex of the parabola through three equally
+    spaced samples ``left, centre, right``; 0 where not ``valid`` (``centre`` no extremum)."""
+    curvature = left - 2 * centre + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(valid, 0.5 * (left - right) / np.where(valid, curvature, 1.0), 0.0)
+    return np.clip(np.nan_to_num(offset), -0.5, 0.5)
+
+
 #: voxels per block of the candidate search (its temporaries take ~25 bytes per grid point)
 CANDIDATE_CHUNK = 32768
 
@@ -552,10 +561,7 @@ def _candidates(
     c0 = np.take_along_axis(cost, order, axis=1)
     cl = np.take_along_axis(left, order, axis=1)
     cr = np.take_along_axis(right, order, axis=1)
-    curvature = cl - 2 * c0 + cr
-    with np.errstate(divide="ignore", invalid="ignore"):
-        offset = np.where(curvature > 0, 0.5 * (cl - cr) / curvature, 0.0)
-    offset = np.clip(np.nan_to_num(offset), -0.5, 0.5)
+    offset = _vertex_offset(cl, c0, cr, cl - 2 * c0 + cr > 0)
     refined = np.where(np.isfinite(values), c0 - 0.25 * (cl - cr) * offset, np.inf)
     psi = psis[order] + offset * step
     r2 = r2s[np.take_along_axis(index, order, axis=1)]
@@ -733,11 +739,7 @@ def regularized_field(
     c0 = cost[rows, choice]
     cl = cost[rows, (choice - 1) % n_q]
     cr = cost[rows, (choice + 1) % n_q]
-    curvature = cl - 2 * c0 + cr
-    is_min = (c0 <= cl) & (c0 <= cr) & (curvature > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        offset = np.where(is_min, 0.5 * (cl - cr) / np.where(is_min, curvature, 1), 0.0)
-    offset = np.clip(offset, -0.5, 0.5)
+    offset = _vertex_offset(cl, c0, cr, (c0 <= cl) & (c0 <= cr) & (cl - 2 * c0 + cr > 0))
     step = float(psis[1] - psis[0])
     field = np.zeros(mask.shape, dtype=np.float32)
     field[mask] = _wrap_hz(psis32[choice] + offset * step, period)
@@ -783,7 +785,6 @@ def _neighbour_pairs(
     return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(weights)
 
 
-
 #: neighbour pairs per axis sampled for :func:`field_trend`
 TREND_PAIRS_PER_AXIS = 20000
 #: :func:`field_trend` is used where it explains at least this fraction of the weighted
@@ -817,17 +818,15 @@ def _pair_field_differences(
     peak = np.argmax(power, axis=1)
     rows = np.arange(peak.size)
     left, centre, right = (power[rows, (peak + k) % grid.size] for k in (-1, 0, 1))
-    curvature = left - 2 * centre + right
-    offset = np.where(curvature < 0, 0.5 * (left - right) / np.where(curvature < 0, curvature,
-                                                                      -1.0), 0.0)
-    difference = grid[peak] + np.clip(offset, -0.5, 0.5) * (period / grid.size)
+    offset = _vertex_offset(left, centre, right, left - 2 * centre + right < 0)
+    difference = grid[peak] + offset * (period / grid.size)
     coherence = centre / np.maximum(np.abs(z).sum(axis=1), 1e-30)
     return difference, np.clip(coherence, 0.0, 1.0)
 
 
 def field_trend(
     signal: np.ndarray, mask: np.ndarray, times: np.ndarray, voxel_size: Sequence[float],
-    period: float, *, iterations: int = 10,
+    period: float, energy: np.ndarray, *, iterations: int = 10,
 ) -> np.ndarray:
     """Smooth trend of the field (Hz, float32, zero signal-weighted mean in ``mask``): a
     quadratic polynomial of position fitted to neighbour field differences.
@@ -835,32 +834,26 @@ def field_trend(
     Differences between 6-neighbours follow from the phase evolution of their echo products
     (:func:`_pair_field_differences`), which a shared water/fat composition does not enter,
     so they need no water/fat decision. Up to :data:`TREND_PAIRS_PER_AXIS` strong pairs per
-    axis, weighted by signal and coherence, fit the polynomial's gradient by iteratively
-    reweighted least absolute deviations (pairs across water/fat boundaries are outliers).
+    axis (``energy``: the signal energy map, :func:`energy_map`), weighted by signal and
+    coherence, fit the polynomial's gradient by iteratively reweighted least absolute
+    deviations (pairs across water/fat boundaries are outliers).
     Zero where the fit explains less than :data:`TREND_MIN_EXPLAINED` of the weighted
     absolute differences (no large-scale gradient, or a field a quadratic does not follow).
     Demodulating the echoes by it leaves a field whose 2x2x2 blocks the graph cut's coarse
     levels can sum without smearing their residual curves: a B0 gradient of 15 Hz/mm at
     1.5 T (about 30 Hz per 2 mm voxel) otherwise swaps whole regions.
     """
-    sizes = np.asarray(voxel_size, dtype=float)
     zero = np.zeros(mask.shape, dtype=np.float32)
-    energy = energy_map(signal, mask)
     strong = mask.copy()
     strong[mask] = _strong(energy[mask])
-    index = np.flatnonzero(strong)
-    if index.size < 10:
+    if np.count_nonzero(strong) < 10:
         return zero
-    position = np.stack(np.unravel_index(index, mask.shape), axis=1) * sizes
-    centre = np.average(position, axis=0, weights=energy.ravel()[index])
-    scale = max(float(np.abs(position - centre).max()), 1.0)
-    squares = [(a, b) for a in range(3) for b in range(a, 3)]
+    coords = fieldmap.grid_coordinates(mask.shape, voxel_size)
 
-    def basis(flat_index: np.ndarray) -> np.ndarray:
-        """The quadratic's terms (no constant) at voxels, positions centred and scaled."""
-        x = (np.stack(np.unravel_index(flat_index, mask.shape), axis=1) * sizes - centre) / scale
-        return np.stack([x[:, 0], x[:, 1], x[:, 2]] + [x[:, a] * x[:, b] for a, b in squares],
-                        axis=1)
+    def terms(flat_index: np.ndarray) -> np.ndarray:
+        """The quadratic's terms at voxels (N, 10)."""
+        x, y, z = (c[i] for c, i in zip(coords, np.unravel_index(flat_index, mask.shape)))
+        return np.stack(np.broadcast_arrays(*fieldmap.quadratic_terms(x, y, z)), axis=1)
 
     rows, differences, pair_weights = [], [], []
     flat = signal.reshape(-1, signal.shape[-1])
@@ -878,12 +871,12 @@ def field_trend(
         second = first + int(np.prod(mask.shape[axis + 1:]))
         difference, coherence = _pair_field_differences(flat[first], flat[second], times,
                                                         period)
-        rows.append(basis(second) - basis(first))
+        rows.append(terms(second) - terms(first))
         differences.append(difference)
         pair_weights.append(np.sqrt(flat_energy[first] * flat_energy[second]) * coherence)
     if not rows:
         return zero
-    design = np.concatenate(rows)
+    design = np.concatenate(rows)  # the constant's column is 0: differences cancel it
     target = np.concatenate(differences)
     base = np.concatenate(pair_weights)
     base = base / max(float(base.max()), 1e-30)
@@ -900,16 +893,9 @@ def field_trend(
         LOGGER.info("waterfat field trend: not used (a quadratic explains %.2f of the "
                     "neighbour field differences, < %.2f)", explained, TREND_MIN_EXPLAINED)
         return zero
-    # evaluated on the grid by broadcasting 1D coordinates (no per-voxel basis matrix)
-    axes = [((np.arange(n) * sizes[k] - centre[k]) / scale).astype(np.float32).reshape(
-        [-1 if j == k else 1 for j in range(3)]) for k, n in enumerate(mask.shape)]
-    trend = zero.copy()
-    for k in range(3):
-        trend += np.float32(coef[k]) * axes[k]
-    for j, (a, b) in enumerate(squares):
-        trend += np.float32(coef[3 + j]) * (axes[a] * axes[b])
-    trend -= np.float32(np.average(trend[mask], weights=energy[mask] + 1e-30))
-    trend[~mask] = 0
+    grid = sum(cf * t for cf, t in zip(coef, fieldmap.quadratic_terms(*np.ix_(*coords))))
+    trend = np.where(mask, grid, 0).astype(np.float32)
+    trend[mask] -= np.float32(np.average(trend[mask], weights=energy[mask] + 1e-30))
     LOGGER.info("waterfat field trend: a quadratic of %.0f Hz range explains %.2f of the "
                 "neighbour field differences; demodulated", np.ptp(trend[mask]), explained)
     return trend
@@ -1735,11 +1721,15 @@ def separate(
     empty = np.zeros(shape, dtype=np.float32)
     if not mask.any():
         raise ValueError("the water-fat mask is empty (or all voxels are non-finite).")
-    trend = field_trend(data, mask, times, sizes, period) if detrend else empty
+    signal_energy = energy_map(data, mask)  # demodulation keeps it
+    trend = (field_trend(data, mask, times, sizes, period, signal_energy) if detrend
+             else empty)
     parameters["FieldTrendRangeHz"] = round(float(np.ptp(trend[mask])), 2)
-    if trend.any():
-        data = data * np.exp(np.complex64(-1j * _TWO_PI) * trend[..., None]
-                             * times.astype(np.float32))
+    if trend.any():  # one echo at a time: a single copy of the echoes
+        demodulated = np.empty_like(data)
+        for n, t in enumerate(times):
+            demodulated[..., n] = data[..., n] * np.exp(np.complex64(-1j * _TWO_PI * t) * trend)
+        data = demodulated
 
     if regularization == "graphcut":
         field, r2_grid, residual = graphcut_field(
@@ -1760,7 +1750,6 @@ def separate(
         residual = empty.copy()
         residual[mask] = cost[np.arange(best.size), best]
 
-    signal_energy = energy_map(data, mask)
     if regularization == "graphcut":
         # the cut chose unwrapped fields; fix each component's multiple of the period
         if unwrap:
