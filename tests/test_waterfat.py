@@ -455,30 +455,52 @@ def test_ismrm2012_challenge_fat_fraction(case, voxel_size, record_property):
     A swapped region is a connected patch (in the eval mask) of voxels whose PDFF is off by
     more than 30 points. The model-limited oracle (the local minimum per voxel closest to
     the reference) still leaves such patches of up to 10 voxels at tissue edges; the graph
-    cut leaves one of 32 voxels (72 mm^2 in one slice, partial volume next to bowel gas in
-    case 12), the multi-resolution ICM 1184 (spleen/liver): up to 40 voxels pass.
+    cut leaves one of 28-32 voxels (72 mm^2 in one slice, partial volume next to bowel gas
+    in case 12), the multi-resolution ICM 1184 (spleen/liver): up to 40 voxels pass.
     """
     images, te, b0, sign, reference, evaluation = _ismrm_case(case)
+    result, mae, largest = _separate_and_score(images, te, b0, reference, evaluation,
+                                               voxel_size=voxel_size)
+    assert result.parameters["PhaseSign"] == sign  # read off the fat signal by default
+    record_property("mae_points", mae)
+    print(f"ISMRM 2012 case {case}: PDFF MAE {mae:.2f} points, largest patch off by > 30 "
+          f"points {largest} voxels")
+    assert mae <= 3.0
+    assert largest <= 40, largest
+
+
+def _separate_and_score(images, te, b0, reference, evaluation, *, voxel_size=(1.5, 1.5, 5.0)):
+    """Separate a challenge case; PDFF MAE (points) in the scored voxels and the largest
+    in-plane patch of voxels off by > 30 points."""
     magnitude = np.sqrt((np.abs(images) ** 2).sum(axis=-1))
     mask = magnitude > 0.05 * np.percentile(magnitude, 99)
     result = wf.separate(images, te, mask, b0_tesla=b0, voxel_size=voxel_size,
                          fat_model="ismrm")
-    assert result.parameters["PhaseSign"] == sign  # read off the fat signal by default
     scored = evaluation & mask & np.isfinite(reference)
     assert scored.sum() > 0.95 * evaluation.sum()
     error = np.abs(result.pdff - 100 * reference)
-    mae = float(error[scored].mean())
     wrong = scored & (error > 30)
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[:, :, 1] = True
     labels, count = ndimage.label(wrong, structure=in_plane)
     largest = int(np.bincount(labels[wrong]).max()) if count else 0
-    record_property("mae_points", mae)
-    print(f"ISMRM 2012 case {case}: PDFF MAE {mae:.2f} points, "
-          f"{100 * np.mean(error[scored] > 10):.2f}% of voxels off by > 10 points, largest "
-          f"patch off by > 30 points {largest} voxels")
-    assert mae <= 3.0
-    assert largest <= 40, largest
+    return result, float(error[scored].mean()), largest
+
+
+def test_ismrm2012_field_a_quadratic_cannot_follow(monkeypatch):
+    """Case 12 plus +-300 Hz, two sine periods across x (up to 24 Hz per voxel at 1.5 T):
+    the trend's node field follows it and nothing swaps; the quadratic alone (the node
+    field disabled) leaves the coarse levels smeared residual curves (measured: MAE 30.1)."""
+    images, te, b0, sign, reference, evaluation = _ismrm_case("12")
+    x = np.linspace(-1.0, 1.0, images.shape[0])[:, None, None, None]
+    added = 300.0 * np.sin(2 * np.pi * x)
+    images = images * np.exp(sign * 2j * np.pi * added * te).astype(np.complex64)
+    result, mae, largest = _separate_and_score(images, te, b0, reference, evaluation)
+    assert mae <= 3.0 and largest <= 40, (mae, largest)
+    assert result.parameters["FieldTrendRangeHz"] > 500
+    monkeypatch.setattr(wf, "TREND_NODE_MIN_GAIN", np.inf)
+    _, mae, _ = _separate_and_score(images, te, b0, reference, evaluation)
+    assert mae > 10.0, mae
 
 
 def test_refinement_stays_near_the_chosen_minimum():

@@ -14,12 +14,14 @@ convention of :mod:`qsmprep.recon.fieldmap`. ``"auto"`` reads the sign off the f
 
 Pipeline of :func:`separate`:
 
-0. **Field trend.** A quadratic polynomial of position fitted to the field differences
-   between neighbours, read off the phase evolution of their echo products (a shared
-   water/fat composition does not enter them; :func:`field_trend`). The echoes are
-   demodulated by it and it is added back to the field at the end, so the steps below see a
-   field without its large-scale B0 gradient (ISMRM 2012 case 12 with a linear field of
-   1000 Hz across x: PDFF MAE 17.3 points without, 2.58 with; RESULTS.md).
+0. **Field trend.** A quadratic polynomial of position plus a trilinear field on nodes
+   about 16 mm apart, fitted to the field differences between neighbours, read off the phase
+   evolution of their echo products (a shared water/fat composition does not enter them;
+   :func:`field_trend`). The echoes are demodulated by it and it is added back to the field
+   at the end, so the steps below see a field without its large-scale variation (ISMRM
+   2012 case 12 with a linear field of 1000 Hz across x: PDFF MAE 17.3 points without,
+   2.59 with; with +-300 Hz, two sine periods across x: 30.1 with the quadratic alone,
+   2.59 with the nodes; RESULTS.md).
 1. **Grid search (VARPRO).** For fixed ``(psi, R2*)`` the amplitudes follow by linear least
    squares; the relative residual is ``1 - y^H P(R2*) y / ||s||^2`` with ``y_n = s_n
    exp(-i 2 pi psi t_n)`` and the projector ``P`` onto the two basis vectors. It is a real
@@ -49,7 +51,7 @@ Pipeline of :func:`separate`:
    takes the candidate minimising ``residual + smoothness (d(psi, psi_smooth) / f_fat)^2``
    against a Gaussian phasor average of its neighbourhood. ``"none"``: best minimum per
    voxel (swaps). Measured in ``benchmarks/RESULTS.md``: ISMRM 2012 challenge case 12
-   (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.58 points with the graph cut (multires 6.04,
+   (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.58 points with the graph cut (multires 5.66,
    swapped spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
 4. **Spatial unwrapping.** The graph cut chooses unwrapped fields; ``multires`` unwraps
    ``2 pi psi / period`` by region growing (exact multiples). The connected part of most
@@ -419,7 +421,9 @@ def default_r2star_grid(r2star_max: float = 500.0) -> np.ndarray:
     return np.append(grid, r2star_max).astype(np.float64)
 
 
-def psi_grid(echo_times: Sequence[float], *, step_hz: float | None = None) -> tuple[np.ndarray, float]:
+def psi_grid(
+    echo_times: Sequence[float], *, step_hz: float | None = None
+) -> tuple[np.ndarray, float]:
     """Field values (Hz) of the grid search over one period and the period (Hz).
 
     Period ``1/min(dTE)``; default step ``min(period / 48, 1 / (6 (t_N - t_1)))`` (the
@@ -788,10 +792,19 @@ def _neighbour_pairs(
 #: neighbour pairs per axis sampled for :func:`field_trend`
 TREND_PAIRS_PER_AXIS = 20000
 #: :func:`field_trend` is used where it explains at least this fraction of the weighted
-#: absolute neighbour field differences (measured: 0.45-0.80 with B0 gradients of 6-60 Hz
-#: per voxel, 0.06-0.10 with a sinusoidal field a quadratic cannot follow, which it made
-#: worse; RESULTS.md)
+#: absolute neighbour field differences (measured with the node field: 0.51-0.86 on the ISMRM
+#: 2012 cases with and without added fields of 150-2000 Hz, 0.09-0.13 on the RC2 head,
+#: whose field varies at air boundaries rather than smoothly; RESULTS.md)
 TREND_MIN_EXPLAINED = 0.3
+#: node spacing (mm) and most nodes per axis of the flexible part of :func:`field_trend`
+TREND_NODE_MM = 16.0
+TREND_MAX_NODES = 16
+#: the node field is used where it explains this much more than the quadratic alone (it
+#: otherwise follows local biases, e.g. of pairs along a steep PDFF gradient, by 5-15 Hz)
+TREND_NODE_MIN_GAIN = 0.1
+#: curvature penalty of the node field, relative to the mean data weight per node (fills
+#: nodes without strong pairs; barely damps fields that vary over 50 mm or more)
+TREND_CURVATURE = 1e-3
 
 
 def _pair_field_differences(
@@ -824,38 +837,109 @@ def _pair_field_differences(
     return difference, np.clip(coherence, 0.0, 1.0)
 
 
+def _tent_weights(index: np.ndarray, step: float, nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation from nodes every ``step`` voxels along an axis: the two node
+    indices and weights (2, N) of each voxel ``index``."""
+    if nodes == 1:
+        return np.zeros((2, index.size), np.int64), np.stack([np.ones(index.size),
+                                                              np.zeros(index.size)])
+    u = index / step
+    low = np.minimum(np.floor(u).astype(np.int64), nodes - 2)
+    frac = u - low
+    return np.stack([low, low + 1]), np.stack([1.0 - frac, frac])
+
+
+def _node_rows(voxels: tuple[np.ndarray, ...], steps, node_shape) -> "scipy.sparse.csr_matrix":
+    """Trilinear interpolation matrix (N, nodes) from the node grid to the voxels (a tuple
+    of 3 index arrays)."""
+    import scipy.sparse
+
+    count = voxels[0].size
+    columns = np.zeros((1, count), np.int64)
+    values = np.ones((1, count))
+    for index, step, nodes in zip(voxels, steps, node_shape):
+        c, v = _tent_weights(index, step, nodes)
+        columns = (columns[:, None, :] * nodes + c[None]).reshape(-1, count)
+        values = (values[:, None, :] * v[None]).reshape(-1, count)
+    rows = np.tile(np.arange(count), columns.shape[0])
+    return scipy.sparse.csr_matrix((values.ravel(), (rows, columns.ravel())),
+                                   shape=(count, int(np.prod(node_shape))))
+
+
+def _node_curvature(node_shape: Sequence[int]) -> "scipy.sparse.csr_matrix":
+    """Sum over axes of the squared second differences of a node field, ``sum L^T L``."""
+    import scipy.sparse
+
+    identities = [scipy.sparse.identity(n, format="csr") for n in node_shape]
+    penalty = scipy.sparse.csr_matrix((int(np.prod(node_shape)),) * 2)
+    for axis, n in enumerate(node_shape):
+        if n < 3:
+            continue
+        factors = list(identities)
+        factors[axis] = scipy.sparse.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n))
+        second = factors[0]
+        for factor in factors[1:]:
+            second = scipy.sparse.kron(second, factor, format="csr")
+        penalty = penalty + second.T @ second
+    return penalty.tocsr()
+
+
+def _irls_l1(fit, predict, target, base, floor, iterations):
+    """Least absolute deviations by iteratively reweighted least squares: ``fit(w)`` solves
+    the problem weighted by ``w`` (base weight over the absolute residual, at least
+    ``floor``); returns the parameters and the residual ``target - predict(parameters)``."""
+    residual = target
+    for _ in range(iterations):
+        parameters = fit(base / np.maximum(np.abs(residual), floor))
+        residual = target - predict(parameters)
+    return parameters, residual
+
+
 def field_trend(
     signal: np.ndarray, mask: np.ndarray, times: np.ndarray, voxel_size: Sequence[float],
     period: float, energy: np.ndarray, *, iterations: int = 10,
 ) -> np.ndarray:
     """Smooth trend of the field (Hz, float32, zero signal-weighted mean in ``mask``): a
-    quadratic polynomial of position fitted to neighbour field differences.
+    quadratic polynomial of position plus a trilinear field on nodes every
+    :data:`TREND_NODE_MM` mm, fitted to neighbour field differences.
 
     Differences between 6-neighbours follow from the phase evolution of their echo products
     (:func:`_pair_field_differences`), which a shared water/fat composition does not enter,
     so they need no water/fat decision. Up to :data:`TREND_PAIRS_PER_AXIS` strong pairs per
     axis (``energy``: the signal energy map, :func:`energy_map`), weighted by signal and
-    coherence, fit the polynomial's gradient by iteratively reweighted least absolute
-    deviations (pairs across water/fat boundaries are outliers).
+    coherence, fit by iteratively reweighted least absolute deviations (pairs across
+    water/fat boundaries are outliers) first the quadratic's gradient, then, on what it
+    leaves, the node field's differences with a weak curvature penalty
+    (:data:`TREND_CURVATURE`): fields a quadratic cannot follow (the ISMRM 2012 cases plus
+    a sinusoid of +-300 Hz or a 600 Hz bump) are followed within tens of Hz.
     Zero where the fit explains less than :data:`TREND_MIN_EXPLAINED` of the weighted
-    absolute differences (no large-scale gradient, or a field a quadratic does not follow).
-    Demodulating the echoes by it leaves a field whose 2x2x2 blocks the graph cut's coarse
-    levels can sum without smearing their residual curves: a B0 gradient of 15 Hz/mm at
-    1.5 T (about 30 Hz per 2 mm voxel) otherwise swaps whole regions.
+    absolute differences (no large-scale structure, e.g. a head whose field varies at air
+    boundaries). Demodulating the echoes by it leaves a field whose 2x2x2 blocks the graph
+    cut's coarse levels can sum without smearing their residual curves: a B0 gradient of
+    15 Hz/mm at 1.5 T (about 30 Hz per 2 mm voxel) otherwise swaps whole regions.
     """
+    import scipy.sparse.linalg
+
     zero = np.zeros(mask.shape, dtype=np.float32)
     strong = mask.copy()
     strong[mask] = _strong(energy[mask])
     if np.count_nonzero(strong) < 10:
         return zero
     coords = fieldmap.grid_coordinates(mask.shape, voxel_size)
+    # nodes evenly from the first to the last voxel of each axis, about TREND_NODE_MM apart
+    node_shape = tuple(1 if n == 1 else min(TREND_MAX_NODES, int(np.ceil(
+        (n - 1) * float(v) / TREND_NODE_MM)) + 1) for n, v in zip(mask.shape, voxel_size))
+    steps = [(n - 1) / max(count - 1, 1) for n, count in zip(mask.shape, node_shape)]
 
     def terms(flat_index: np.ndarray) -> np.ndarray:
         """The quadratic's terms at voxels (N, 10)."""
         x, y, z = (c[i] for c, i in zip(coords, np.unravel_index(flat_index, mask.shape)))
         return np.stack(np.broadcast_arrays(*fieldmap.quadratic_terms(x, y, z)), axis=1)
 
-    rows, differences, pair_weights = [], [], []
+    def nodes_at(flat_index: np.ndarray):
+        return _node_rows(np.unravel_index(flat_index, mask.shape), steps, node_shape)
+
+    rows, node_rows, differences, pair_weights = [], [], [], []
     flat = signal.reshape(-1, signal.shape[-1])
     flat_energy = energy.ravel()
     for axis in range(3):
@@ -872,32 +956,63 @@ def field_trend(
         difference, coherence = _pair_field_differences(flat[first], flat[second], times,
                                                         period)
         rows.append(terms(second) - terms(first))
+        node_rows.append(nodes_at(second) - nodes_at(first))
         differences.append(difference)
         pair_weights.append(np.sqrt(flat_energy[first] * flat_energy[second]) * coherence)
     if not rows:
         return zero
+    import scipy.sparse
+
     design = np.concatenate(rows)  # the constant's column is 0: differences cancel it
     target = np.concatenate(differences)
     base = np.concatenate(pair_weights)
     base = base / max(float(base.max()), 1e-30)
     used = np.linalg.norm(design, axis=0) > 0
-    coef = np.zeros(design.shape[1])
     floor = period / 100.0
-    for _ in range(iterations):
-        residual = np.abs(target - design @ coef)
-        w = np.sqrt(base / np.maximum(residual, floor))
-        coef[used] = np.linalg.lstsq(design[:, used] * w[:, None], target * w, rcond=None)[0]
-    explained = 1.0 - float(base @ np.abs(target - design @ coef)) / max(
-        float(base @ np.abs(target)), 1e-30)
+
+    def fit_quadratic(w):
+        coef = np.zeros(design.shape[1])
+        root = np.sqrt(w)
+        coef[used] = np.linalg.lstsq(design[:, used] * root[:, None], target * root,
+                                     rcond=None)[0]
+        return coef
+
+    coef, rest = _irls_l1(fit_quadratic, lambda cf: design @ cf, target, base, floor,
+                          iterations)
+    differ = scipy.sparse.vstack(node_rows).tocsr()
+    curvature = _node_curvature(node_shape)
+    ridge = scipy.sparse.identity(differ.shape[1], format="csr")  # the constant: no data
+
+    def fit_nodes(w):
+        normal = (differ.T @ scipy.sparse.diags(w) @ differ).tocsr()
+        scale = max(float(normal.diagonal().mean()), 1e-30)
+        system = normal + scale * (TREND_CURVATURE * curvature + 1e-6 * ridge)
+        return scipy.sparse.linalg.spsolve(system.tocsc(), differ.T @ (w * rest))
+
+    nodes, residual = _irls_l1(fit_nodes, lambda v: differ @ v, rest, base, floor, iterations)
+    total = max(float(base @ np.abs(target)), 1e-30)
+    explained = 1.0 - float(base @ np.abs(residual)) / total
+    by_quadratic = 1.0 - float(base @ np.abs(rest)) / total
+    LOGGER.info("waterfat field trend: the quadratic explains %.2f of the neighbour field "
+                "differences, with the %s nodes %.2f", by_quadratic, node_shape, explained)
+    if explained - by_quadratic < TREND_NODE_MIN_GAIN:
+        nodes[:] = 0.0  # the quadratic alone: nodes would only follow local biases
+        explained = by_quadratic
     if explained < TREND_MIN_EXPLAINED:
-        LOGGER.info("waterfat field trend: not used (a quadratic explains %.2f of the "
-                    "neighbour field differences, < %.2f)", explained, TREND_MIN_EXPLAINED)
+        LOGGER.info("waterfat field trend: not used (< %.2f)", TREND_MIN_EXPLAINED)
         return zero
     grid = sum(cf * t for cf, t in zip(coef, fieldmap.quadratic_terms(*np.ix_(*coords))))
-    trend = np.where(mask, grid, 0).astype(np.float32)
+    node_field = nodes.reshape(node_shape)
+    for axis, (n, step, count) in enumerate(zip(mask.shape, steps, node_shape)):
+        columns, values = _tent_weights(np.arange(n), step, count)
+        interpolate = np.zeros((n, count))
+        np.add.at(interpolate, (np.tile(np.arange(n), 2), columns.ravel()), values.ravel())
+        node_field = np.moveaxis(np.tensordot(interpolate, node_field, axes=([1], [axis])),
+                                 0, axis)
+    trend = np.where(mask, grid + node_field, 0).astype(np.float32)
     trend[mask] -= np.float32(np.average(trend[mask], weights=energy[mask] + 1e-30))
-    LOGGER.info("waterfat field trend: a quadratic of %.0f Hz range explains %.2f of the "
-                "neighbour field differences; demodulated", np.ptp(trend[mask]), explained)
+    LOGGER.info("waterfat field trend: %.0f Hz range (%s); demodulated", np.ptp(trend[mask]),
+                "quadratic and nodes" if nodes.any() else "quadratic")
     return trend
 
 
