@@ -1,6 +1,7 @@
 """Water-fat field mapping and trabecular-model benchmark (issue 4); numbers in RESULTS.md.
 
-Usage: python benchmarks/waterfat_benchmark.py [--trabecular-box 128]
+Usage: python benchmarks/waterfat_benchmark.py [--trabecular-box 128] [--stress]
+       [--skip leg speed ismrm spheres head]
 
 1. Accuracy on the leg phantom (qsmprep.simulate.body, 2 mm, 6 echoes) at SNR 50 and 100:
    field |error| median (Hz), swapped voxels (|error| > 100 Hz), PDFF MAE (points), R2*
@@ -12,7 +13,11 @@ Usage: python benchmarks/waterfat_benchmark.py [--trabecular-box 128]
    in the organisers' eval_mask, voxels off by > 10 points, the largest in-plane patch of
    voxels off by > 30 points (a swapped region), for both regularisations and a sweep of
    ``smoothness`` (``--sweep``).
-4. Trabecular sphere model (box 128 in a 384 cube by default, 3 random geometries per
+4. (``head``) The RC2 head phantom with subcutaneous fat and skull marrow added, fields from
+   its susceptibility, signals averaged from 1 mm to 2 mm voxels, four 1.5/3 T protocols:
+   PDFF MAE and voxels off by > 30 points, inside and at the tissue edge, against the oracle
+   (the VARPRO minimum nearest the true field); skipped when ../shared/data is absent.
+5. Trabecular sphere model (box 128 in a 384 cube by default, 3 random geometries per
    sphere count): mean chi vs BV/TV per delta_chi (slope / delta_chi, R^2), R2' mean and sd
    per sphere count and Spearman's rho of R2' with BV/TV over all geometries; the dilute
    limit (small spheres, BV/TV 0.02-0.2) against static-dephasing theory.
