@@ -575,3 +575,36 @@ def test_slice_and_toolbox_layouts_and_the_default_mask():
     assert not automatic.pdff[~automatic.mask].any()
     with pytest.raises(ValueError, match="2 coils"):
         _run(np.repeat(signal[:, :, :, None, :], 2, axis=3), UNIFORM_TE, mask)
+
+
+def test_rc2_head_with_fat_is_close_to_the_oracle():
+    """A realistic head (RC2 with subcutaneous fat and skull marrow, fields from its air
+    spaces, signals averaged from 1 mm to 2 mm, 3 T, 6 echoes, SNR 40): the graph cut is
+    within 0.3 PDFF points of the oracle (the VARPRO minimum nearest the true field) and
+    leaves no swapped region (measured: MAE 1.37 against 1.35, largest patch 12 voxels,
+    0.21% of the tissue off by > 30 points, nearly all next to air)."""
+    from qsmprep.datasets.rc2 import rc2_phantom
+    from qsmprep.simulate.rc2 import add_head_fat, simulate_waterfat_head
+
+    head = rc2_phantom(shared_data("rc2_head_phantom"), voxel_size=(1.0, 1.0, 1.0),
+                       shell_mm=0.0)
+    head, pdff = add_head_fat(head.crop((slice(None), slice(None), slice(6, None))))
+    assert 0.05 < np.mean(pdff[head.m0 > 0.2] > 0) < 0.3  # fat in 5-30% of the tissue
+    te = UNIFORM_TE
+    sim = simulate_waterfat_head(head, pdff, te, b0_tesla=3.0, snr=40.0, seed=1)
+    tissue = sim.proton_density > 0.2
+    assert np.percentile(np.abs(sim.field_hz[tissue]), 99) > 150  # strong fields at the air
+    result = wf.separate(sim.signal, te, tissue, b0_tesla=3.0, voxel_size=sim.voxel_size,
+                         fat_model="ismrm")
+    c = wf.fat_signal(te, 3.0, "ismrm")
+    _, _, water, fat, *_ = wf.varpro_refine(sim.signal[tissue], te, c, sim.field_hz[tissue],
+                                            np.full(int(tissue.sum()), 50.0),
+                                            max_shift_hz=40.0)
+    error = np.abs(result.pdff - sim.pdff)[tissue]
+    oracle = np.abs(wf.fat_fraction(water, fat) - sim.pdff[tissue])
+    assert error.mean() <= oracle.mean() + 0.3, (error.mean(), oracle.mean())
+    wrong = np.zeros(tissue.shape, dtype=bool)
+    wrong[tissue] = error > 30
+    labels, count = ndimage.label(wrong)
+    assert count == 0 or np.bincount(labels[wrong]).max() <= 40
+    assert np.mean(error > 30) < 0.005

@@ -2,18 +2,23 @@
 
 Built from the arrays of ``SegmentedModel.nii.gz`` (labels 1-16 at 0.64 mm),
 ``BrainMask.nii.gz`` and the ``chiref`` table of ``SusceptibilityValues.mat`` (ppm), which
-:mod:`qsmprep.datasets.rc2` reads from an RC2 phantom folder. Labels are resampled to the target voxel size by area-weighted majority (the mode of the
-0.64 mm labels overlapping each target voxel); susceptibility, ``m0`` and ``R2*`` are
-area-weighted averages of the per-label values (partial volume, so small structures such
-as the 0.02 mL calcification keep their magnetic moment at 2 mm).  Outside the brain mask,
-a shell of ``shell_mm`` takes the susceptibility of the nearest voxel inside the mask, so
-there is no susceptibility contrast across the mask boundary (METHODS §3 caveat); labels
-keep the anatomy.
+:mod:`qsmprep.datasets.rc2` reads from an RC2 phantom folder. Labels are resampled to the
+target voxel size by area-weighted majority (the mode of the 0.64 mm labels overlapping each
+target voxel); susceptibility, ``m0`` and ``R2*`` are area-weighted averages of the
+per-label values (partial volume, so small structures such as the 0.02 mL calcification
+keep their magnetic moment at 2 mm). Outside the brain mask, a shell of ``shell_mm`` takes
+the susceptibility of the nearest voxel inside the mask, so there is no susceptibility
+contrast across the mask boundary (METHODS §3 caveat); labels keep the anatomy.
+
+:func:`add_head_fat` and :func:`simulate_waterfat_head` give the head subcutaneous fat and
+skull marrow and simulate its water-fat signal (benchmarks/waterfat_benchmark.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -175,4 +180,113 @@ def rc2_phantom(
         description="QSM challenge 2.0 (RC2) head phantom segmentation",
         extra={"rc2_label_names": {i: name for i, (name, _) in chiref.items()},
                "chi_table_ppm": chi_table},
+    )
+
+
+def add_head_fat(
+    phantom: HeadPhantom,
+    *,
+    scalp_mm: float = 4.5,
+    scalp_pdff: float = 0.9,
+    marrow_depth_mm: float = 1.0,
+    marrow_pdff: float = 0.6,
+    marrow_r2star: float = 120.0,
+) -> tuple[HeadPhantom, np.ndarray]:
+    """Fat for the (fat-free) RC2 head: the outer ``scalp_mm`` of its soft tissue (label
+    15) becomes subcutaneous fat (proton density 0.9, PDFF ``scalp_pdff``, R2* 40/s), bone
+    (label 13) deeper than ``marrow_depth_mm`` the skull's marrow (proton density and PDFF
+    ``marrow_pdff``, R2* ``marrow_r2star`` 1/s). Returns the phantom with ``m0`` and
+    ``r2star`` updated and the PDFF (0-1, float32)."""
+    air = np.isin(phantom.labels, (0, 14))
+    parts, _ = ndimage.label(air)
+    faces = np.concatenate([np.moveaxis(parts, axis, 0)[index].ravel()
+                            for axis in range(3) for index in (0, -1)])
+    exterior = np.isin(parts, np.unique(faces[faces > 0]))
+    depth = ndimage.distance_transform_edt(~exterior, sampling=phantom.voxel_size)
+    bone = phantom.labels == 13
+    scalp = (phantom.labels == 15) & (depth <= scalp_mm)
+    marrow = bone & (ndimage.distance_transform_edt(bone, sampling=phantom.voxel_size)
+                     > marrow_depth_mm)
+    m0, r2star = phantom.m0.copy(), phantom.r2star.copy()
+    pdff = np.zeros(phantom.shape, dtype=np.float32)
+    for region, fraction, density, rate in ((scalp, scalp_pdff, 0.9, 40.0),
+                                            (marrow, marrow_pdff, marrow_pdff, marrow_r2star)):
+        pdff[region], m0[region], r2star[region] = fraction, density, rate
+    return dataclasses.replace(phantom, m0=m0, r2star=r2star), pdff
+
+
+@dataclass(frozen=True)
+class WaterFatHeadSimulation:
+    """Multi-echo water-fat signal of a head (:func:`simulate_waterfat_head`) on the coarse
+    grid: ``signal`` (x, y, z, echo) complex64, the truth per voxel: ``field_hz`` (the
+    proton-density-weighted mean of its sub-voxels), ``pdff`` (percent) and
+    ``proton_density``; ``voxel_size`` (mm)."""
+
+    signal: np.ndarray
+    field_hz: np.ndarray
+    pdff: np.ndarray
+    proton_density: np.ndarray
+    voxel_size: tuple[float, float, float]
+
+
+def simulate_waterfat_head(
+    phantom: HeadPhantom,
+    pdff: np.ndarray,
+    echo_times: Sequence[float],
+    *,
+    b0_tesla: float,
+    snr: float = 40.0,
+    average: int = 2,
+    neck_mm: float = 40.0,
+    shim_order: int = 2,
+    fat_model: str = "ismrm",
+    seed: int = 0,
+) -> WaterFatHeadSimulation:
+    """Water-fat GRE of a head phantom with fat (:func:`add_head_fat`), B0 along the third
+    axis: the field of its susceptibility (the lowest slice continued ``neck_mm`` below, the
+    surrounding air as the FFT's zero padding), shimmed to ``shim_order`` over the tissue
+    (``m0 > 0.2``); the signal of every echo on the phantom's grid, averaged over blocks of
+    ``average`` voxels per axis (intravoxel dephasing at air boundaries), plus complex noise
+    of the mean coarse tissue proton density over ``snr``."""
+    from qsmprep.recon import waterfat
+    from qsmprep.recon.dipole import forward_field, ppm_to_hz
+    from qsmprep.simulate.signal import shim, smooth_phase_offset
+
+    te = np.asarray(echo_times, dtype=np.float64).ravel()
+    neck = int(round(neck_mm / phantom.voxel_size[2]))
+    relative = np.pad(phantom.chi_ppm - phantom.background_chi_ppm, ((0, 0), (0, 0), (neck, 0)),
+                      mode="edge")
+    field_ppm = forward_field(relative, phantom.voxel_size, (0.0, 0.0, 1.0))[:, :, neck:]
+    fitted, _ = shim(field_ppm, phantom.m0 > 0.2, phantom.voxel_size, shim_order)
+    field = ppm_to_hz(field_ppm - fitted, b0_tesla).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    phase0 = smooth_phase_offset(phantom.shape, phantom.voxel_size, rng).astype(np.float32)
+
+    def blocks(values: np.ndarray) -> np.ndarray:
+        n = [size // average * average for size in values.shape]
+        values = values[: n[0], : n[1], : n[2]]
+        return values.reshape(n[0] // average, average, n[1] // average, average,
+                              n[2] // average, average).mean(axis=(1, 3, 5))
+
+    density = blocks(phantom.m0)
+    tissue = density > 0.2
+    sigma = float(density[tissue].mean()) / float(snr)
+    c = waterfat.fat_signal(te, b0_tesla, fat_model)
+    echoes = []
+    for n, t in enumerate(te):  # loop over echoes only
+        fine = (phantom.m0 * (1 - pdff + pdff * c[n]) * np.exp(-phantom.r2star * t)
+                * np.exp(1j * (phase0 + 2 * np.pi * field * t))).astype(np.complex64)
+        coarse = blocks(fine)
+        noise = rng.standard_normal(coarse.shape + (2,), dtype=np.float32)
+        echoes.append((coarse + sigma * (noise[..., 0] + 1j * noise[..., 1])).astype(np.complex64))
+    weighted = np.maximum(density, 1e-12)
+    def mean_over_density(values: np.ndarray) -> np.ndarray:
+        return np.where(density > 0, blocks(phantom.m0 * values) / weighted, 0).astype(np.float32)
+
+    return WaterFatHeadSimulation(
+        signal=np.stack(echoes, axis=-1),
+        field_hz=mean_over_density(field),
+        pdff=100 * mean_over_density(pdff),
+        proton_density=density.astype(np.float32),
+        voxel_size=tuple(average * v for v in phantom.voxel_size),  # type: ignore[arg-type]
     )
