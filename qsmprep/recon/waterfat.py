@@ -81,6 +81,8 @@ import logging
 from typing import Literal, Sequence
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 from scipy import ndimage
 
 from . import fieldmap
@@ -849,11 +851,9 @@ def _tent_weights(index: np.ndarray, step: float, nodes: int) -> tuple[np.ndarra
     return np.stack([low, low + 1]), np.stack([1.0 - frac, frac])
 
 
-def _node_rows(voxels: tuple[np.ndarray, ...], steps, node_shape) -> "scipy.sparse.csr_matrix":
+def _node_rows(voxels: tuple[np.ndarray, ...], steps, node_shape) -> scipy.sparse.csr_matrix:
     """Trilinear interpolation matrix (N, nodes) from the node grid to the voxels (a tuple
     of 3 index arrays)."""
-    import scipy.sparse
-
     count = voxels[0].size
     columns = np.zeros((1, count), np.int64)
     values = np.ones((1, count))
@@ -866,10 +866,8 @@ def _node_rows(voxels: tuple[np.ndarray, ...], steps, node_shape) -> "scipy.spar
                                    shape=(count, int(np.prod(node_shape))))
 
 
-def _node_curvature(node_shape: Sequence[int]) -> "scipy.sparse.csr_matrix":
+def _node_curvature(node_shape: Sequence[int]) -> scipy.sparse.csr_matrix:
     """Sum over axes of the squared second differences of a node field, ``sum L^T L``."""
-    import scipy.sparse
-
     identities = [scipy.sparse.identity(n, format="csr") for n in node_shape]
     penalty = scipy.sparse.csr_matrix((int(np.prod(node_shape)),) * 2)
     for axis, n in enumerate(node_shape):
@@ -889,7 +887,8 @@ def _irls_l1(fit, predict, target, base, floor, iterations):
     the problem weighted by ``w`` (base weight over the absolute residual, at least
     ``floor``); returns the parameters and the residual ``target - predict(parameters)``."""
     residual = target
-    for _ in range(iterations):
+    parameters = None
+    for _ in range(max(int(iterations), 1)):
         parameters = fit(base / np.maximum(np.abs(residual), floor))
         residual = target - predict(parameters)
     return parameters, residual
@@ -918,8 +917,6 @@ def field_trend(
     cut's coarse levels can sum without smearing their residual curves: a B0 gradient of
     15 Hz/mm at 1.5 T (about 30 Hz per 2 mm voxel) otherwise swaps whole regions.
     """
-    import scipy.sparse.linalg
-
     zero = np.zeros(mask.shape, dtype=np.float32)
     strong = mask.copy()
     strong[mask] = _strong(energy[mask])
@@ -961,8 +958,6 @@ def field_trend(
         pair_weights.append(np.sqrt(flat_energy[first] * flat_energy[second]) * coherence)
     if not rows:
         return zero
-    import scipy.sparse
-
     design = np.concatenate(rows)  # the constant's column is 0: differences cancel it
     target = np.concatenate(differences)
     base = np.concatenate(pair_weights)
