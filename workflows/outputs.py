@@ -106,8 +106,9 @@ def init_ds_qsm_wf(
             "from the water-fat separation."})
         ds_pdff = sink("ds_pdff", "PDFFmap", ["field_metadata"], metadata={
             **water_fat, "Units": "percent", "Description": "Proton-density fat fraction "
-            "100 |F| / (|W| + |F|) from the water-fat separation, by magnitude discrimination "
-            "(Liu et al. 2007: the dominant species against |W + F|, free of the noise bias)."})
+            "from the water-fat separation by magnitude discrimination (Liu et al. 2007): "
+            "100 (1 - |W| / |W + F|) where |W| >= |F|, else 100 |F| / |W + F| (free of the "
+            "noise bias of |F| / (|W| + |F|))."})
         workflow.connect([
             (inputnode, ds_water, [("water", "in_file")]),
             (inputnode, ds_fat, [("fat", "in_file")]),

@@ -456,12 +456,15 @@ def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.
 
 
 def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
-                      voxel_size: Sequence[float], weight: np.ndarray) -> np.ndarray:
+                      voxel_size: Sequence[float], weight: np.ndarray,
+                      components: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """Shift each 6-connected mask component by a multiple of ``period``: the one of largest
     ``weight`` (signal energy) so its mean is closest to 0, every other one so it continues
     the smooth field of the largest (its 2nd-order polynomial trend) across the gap. An
-    isolated part has no neighbour to unwrap against, and the field is smooth through air."""
-    labels, n_labels = components = ndimage.label(mask)
+    isolated part has no neighbour to unwrap against, and the field is smooth through air.
+    ``components``: ``ndimage.label(mask)`` where the caller has it."""
+    labels, n_labels = components = (ndimage.label(mask) if components is None
+                                     else components)
     centred = _center_components(unwrapped, mask, period, components)
     if n_labels < 2:
         return centred

@@ -304,7 +304,7 @@ class WaterFatResult:
 
     ``field_hz`` total field (Hz, unwrapped); ``r2star`` (1/s); ``water``, ``fat`` complex
     amplitudes at TE = 0 (units of the signal); ``pdff`` proton-density fat fraction (%,
-    ``100 |F| / (|W| + |F|)`` by magnitude discrimination, :func:`fat_fraction`);
+    by magnitude discrimination, :func:`fat_fraction`);
     ``noise_hz`` field standard deviation (Hz); ``residual`` relative residual
     ``||s - model||^2 / ||s||^2``; ``mask`` the voxels fitted (boolean); ``swaps`` the
     :class:`SwapReport`; ``parameters`` the settings (for sidecars).
@@ -1233,6 +1233,7 @@ def graphcut_field(
     full_graph_voxels: int = 20000,
     band_radius: int = 3,
     chunk: int = 16384,
+    parts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unwrapped field (Hz), grid R2* (1/s) and relative residual by hierarchical graph cuts.
 
@@ -1264,7 +1265,8 @@ def graphcut_field(
       tests/test_waterfat.py). Coarse levels with more than ``full_graph_voxels`` voxels
       are band-limited too (the band found anew every sweep), for speed.
     * Last, each connected part of the mask moves whole to its candidates nearest the
-      field plus a water/fat alias shift where that lowers its energy (:func:`_move_parts`).
+      field plus a water/fat alias shift where that lowers its energy (:func:`_move_parts`;
+      ``parts``: the labels of ``ndimage.label(mask)`` where the caller has them).
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
@@ -1326,8 +1328,10 @@ def graphcut_field(
             curves[level] = None
     alias = float(fat_hz) % period  # water <-> fat, either way, within one period
     aliases = (alias, alias - period, -alias, period - alias)
+    if parts is None:
+        parts = ndimage.label(mask)[0]
     state, moved = _move_parts(psi_c, res_c, count, e, p, q, w_pq, period, state,
-                               ndimage.label(mask)[0][mask], aliases)
+                               parts[mask], aliases)
     psi, res = _candidate_state(psi_c, res_c, count, period, state)
     LOGGER.debug("waterfat graph cut: %d levels, %d cuts, %d parts moved whole", len(levels),
                   total_cuts, moved)
@@ -1841,10 +1845,12 @@ def separate(
             demodulated[..., n] = data[..., n] * np.exp(np.complex64(-1j * _TWO_PI * t) * trend)
         data = demodulated
 
+    components = ndimage.label(mask)  # the mask's parts, for the graph cut and unwrapping
     if regularization == "graphcut":
         field, r2_grid, residual = graphcut_field(
             data, mask, times, c, fat_hz=fat_hz, psis=psis, period=period, r2s=r2s,
-            voxel_size=sizes, smoothness=smoothness, n_candidates=n_candidates, chunk=chunk)
+            voxel_size=sizes, smoothness=smoothness, n_candidates=n_candidates, chunk=chunk,
+            parts=components[0])
     elif regularization == "multires":
         field, r2_grid, residual = regularized_field(
             data, mask, times, c, fat_hz=fat_hz, psis=psis, period=period, r2s=r2s,
@@ -1863,7 +1869,8 @@ def separate(
     if regularization == "graphcut":
         # the cut chose unwrapped fields; fix each component's multiple of the period
         if unwrap:
-            field = fieldmap._align_components(field, mask, period, sizes, signal_energy)
+            field = fieldmap._align_components(field, mask, period, sizes, signal_energy,
+                                               components)
         else:
             field = np.where(mask, _wrap_hz(field, period), 0).astype(np.float32)
     elif unwrap:
@@ -1872,7 +1879,7 @@ def separate(
         unwrapped = unwrap_module.unwrap(wrapped, mask, method="region_growing",
                                          magnitude=magnitude, voxel_size=sizes)
         unwrapped = fieldmap._align_components(unwrapped, mask, _TWO_PI, sizes,
-                                               signal_energy)
+                                               signal_energy, components)
         turns = np.round((unwrapped - wrapped) / _TWO_PI)
         field = np.where(mask, field + turns * np.float32(period), 0).astype(np.float32)
 

@@ -197,11 +197,8 @@ def add_head_fat(
     (label 13) deeper than ``marrow_depth_mm`` the skull's marrow (proton density and PDFF
     ``marrow_pdff``, R2* ``marrow_r2star`` 1/s). Returns the phantom with ``m0`` and
     ``r2star`` updated and the PDFF (0-1, float32)."""
-    air = np.isin(phantom.labels, (0, 14))
-    parts, _ = ndimage.label(air)
-    faces = np.concatenate([np.moveaxis(parts, axis, 0)[index].ravel()
-                            for axis in range(3) for index in (0, -1)])
-    exterior = np.isin(parts, np.unique(faces[faces > 0]))
+    # air connected to the grid's faces (not the sinuses or ear canals)
+    exterior = ~ndimage.binary_fill_holes(~np.isin(phantom.labels, (0, 14)))
     depth = ndimage.distance_transform_edt(~exterior, sampling=phantom.voxel_size)
     bone = phantom.labels == 13
     scalp = (phantom.labels == 15) & (depth <= scalp_mm)
@@ -280,6 +277,7 @@ def simulate_waterfat_head(
         noise = rng.standard_normal(coarse.shape + (2,), dtype=np.float32)
         echoes.append((coarse + sigma * (noise[..., 0] + 1j * noise[..., 1])).astype(np.complex64))
     weighted = np.maximum(density, 1e-12)
+
     def mean_over_density(values: np.ndarray) -> np.ndarray:
         return np.where(density > 0, blocks(phantom.m0 * values) / weighted, 0).astype(np.float32)
 
