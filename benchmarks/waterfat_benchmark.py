@@ -1,7 +1,7 @@
 """Water-fat field mapping and trabecular-model benchmark (issue 4); numbers in RESULTS.md.
 
 Usage: python benchmarks/waterfat_benchmark.py [--trabecular-box 128] [--stress]
-       [--skip leg speed ismrm spheres head]
+       [--skip leg speed ismrm spheres head] [--full-size]
 
 1. Accuracy on the leg phantom (qsmprep.simulate.body, 2 mm, 6 echoes) at SNR 50 and 100:
    field |error| median (Hz), swapped voxels (|error| > 100 Hz), PDFF MAE (points), R2*
@@ -9,6 +9,8 @@ Usage: python benchmarks/waterfat_benchmark.py [--trabecular-box 128] [--stress]
 2. Speed and peak memory: 96x96x48 x 9 echoes (TE1 1.25 ms, dTE 0.7 ms, 1.5 mm, the
    calcaneus protocol) and 128x128x64 x 6 echoes, every voxel in the mask (graph cut;
    ``--speed-multires`` adds the ICM regularisation; peak RSS is that of the process).
+   ``--full-size``: the water-fat node (load, separate, save) at 256x256x176 x 8 and 4
+   echoes, each in a fresh process: wall time and peak RSS against its ``mem_gb``.
 3. ISMRM 2012 cases 12 and 15 (../shared/data, skipped when absent): PDFF MAE (points)
    in the organisers' eval_mask, voxels off by > 10 points, the largest in-plane patch of
    voxels off by > 30 points (a swapped region), for both regularisations and a sweep of
@@ -62,20 +64,28 @@ def leg_accuracy() -> None:
                           f"{leg.regions[label]['r2star']:.0f})")
 
 
+def _synthetic(shape, te, *, seed: int = 0):
+    """Marrow-like PDFF pattern and a smooth field (Hz) over ``shape`` (9 or fewer echoes
+    at 3 T, ren_marrow fat, R2* 60/s, noise sd 0.01): complex64 signal and the field."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, shape[1], dtype=np.float32)[None, :, None]
+    z = np.linspace(-1, 1, shape[2], dtype=np.float32)[None, None, :]
+    ff = np.clip(0.5 + 0.5 * np.sin(4 * x) * np.cos(3 * y), 0, 1) * np.ones(shape, np.float32)
+    field = 150 * x + 60 * y * y - 40 * z
+    c = wf.fat_signal(te, 3.0, "ren_marrow").astype(np.complex64)
+    sig = np.empty(shape + (len(te),), dtype=np.complex64)
+    for n, t in enumerate(te):  # one echo at a time (full-size volumes)
+        sig[..., n] = ((1 - ff) + ff * c[n]) * np.exp((-60 + 2j * np.pi * field) * t)
+        sig[..., n] += 0.01 * (rng.standard_normal(shape, np.float32)
+                               + 1j * rng.standard_normal(shape, np.float32))
+    return sig, field
+
+
 def speed(regularizations=("graphcut",)) -> None:
     for shape, n_echoes, dte in (((96, 96, 48), 9, 0.7e-3), ((128, 128, 64), 6, 0.9e-3)):
         te = 1.25e-3 + dte * np.arange(n_echoes)
-        rng = np.random.default_rng(0)
-        x = np.linspace(-1, 1, shape[0])[:, None, None]
-        y = np.linspace(-1, 1, shape[1])[None, :, None]
-        z = np.linspace(-1, 1, shape[2])[None, None, :]
-        ff = np.clip(0.5 + 0.5 * np.sin(4 * x) * np.cos(3 * y), 0, 1) * np.ones(shape)
-        field = 150 * x + 60 * y * y - 40 * z + 0 * ff
-        c = wf.fat_signal(te, 3.0, "ren_marrow")
-        sig = (((1 - ff)[..., None] + ff[..., None] * c)
-               * np.exp((-60 + 2j * np.pi * field[..., None]) * te)).astype(np.complex64)
-        sig += (0.01 * (rng.standard_normal(sig.shape) + 1j * rng.standard_normal(sig.shape))
-                ).astype(np.complex64)
+        sig, field = _synthetic(shape, te)
         mask = np.ones(shape, bool)
         for reg in regularizations:
             times = []
@@ -90,6 +100,53 @@ def speed(regularizations=("graphcut",)) -> None:
                   f"{np.median(err):.2f} Hz, swapped {100 * np.mean(err > 100):.2f}%, peak RSS "
                   f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, load "
                   f"{os.getloadavg()[0]:.1f}")
+
+
+def _write_full_size(folder: str, shape, te) -> None:
+    """Magnitude, phase and mask NIfTIs of :func:`_synthetic` (mask: a cylinder, 63%)."""
+    import nibabel as nib
+
+    sig, _ = _synthetic(tuple(shape), te)
+    x = np.linspace(-1, 1, shape[0])[:, None, None]
+    y = np.linspace(-1, 1, shape[1])[None, :, None]
+    mask = np.broadcast_to(x**2 + y**2 < 0.8, tuple(shape)).astype(np.uint8)
+    for name, image in (("magnitude", np.abs(sig)), ("phase", np.angle(sig)), ("mask", mask)):
+        nib.save(nib.Nifti1Image(image, np.eye(4)), os.path.join(folder, f"{name}.nii"))
+
+
+def _run_full_size_node(folder: str, te) -> tuple[float, float]:
+    """Run the water-fat node (load, separate, save) on the files in ``folder``: wall time
+    (s) and the process's peak RSS (GB)."""
+    from qsmprep.interfaces.waterfat import WaterFatField
+
+    os.chdir(folder)
+    start = time.perf_counter()
+    WaterFatField(magnitude="magnitude.nii", phase="phase.nii", mask="mask.nii",
+                  echo_times=list(te), b0_tesla=3.0, num_threads=2).run()
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def full_size(shape=(256, 256, 176), echo_counts=(8, 4)) -> None:
+    """Peak memory and time of the water-fat node on a full-size subject, each in a fresh
+    process (ru_maxrss then is the node's own peak), against its mem_gb estimate."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qsmprep.workflows.resources import NodeMemory
+
+    context = multiprocessing.get_context("spawn")
+    for n_echoes in echo_counts:
+        te = 1.25e-3 + 0.9e-3 * np.arange(n_echoes)
+        with tempfile.TemporaryDirectory() as folder:
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                pool.submit(_write_full_size, folder, shape, te).result()
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                seconds, peak = pool.submit(_run_full_size_node, folder, te).result()
+        estimate = NodeMemory(int(np.prod(shape)), n_echoes).gb("waterfat")
+        print(f"full size {tuple(shape)} x {n_echoes} echoes, water-fat node: {seconds:.0f} s, "
+              f"peak RSS {peak:.2f} GB (mem_gb estimate {estimate:.2f} GB), load "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
 
 
 def _ismrm_case(folder: Path, case: str):
@@ -336,6 +393,9 @@ if __name__ == "__main__":
                         help="random geometries per sphere count")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["leg", "speed", "ismrm", "spheres", "head"])
+    parser.add_argument("--full-size", action="store_true",
+                        help="also the water-fat node at 256x256x176 x 8 and 4 echoes (~6 min, "
+                        "~5 GB)")
     parser.add_argument("--sweep", action="store_true",
                         help="ISMRM cases: also sweep the graph cut's smoothness")
     parser.add_argument("--stress", action="store_true",
@@ -353,6 +413,8 @@ if __name__ == "__main__":
         rc2_head()
     if "speed" not in args.skip:
         speed(("graphcut", "multires") if args.speed_multires else ("graphcut",))
+    if args.full_size:
+        full_size()
     if "spheres" not in args.skip:
         spheres(args.trabecular_box, args.trabecular_realisations)
         spheres_dilute(args.trabecular_realisations)

@@ -155,6 +155,7 @@ class WaterFatField(SimpleInterface):
                 }
             else:
                 signal = waterfat.as_complex(magnitude, phase)
+                del magnitude  # the signal holds it (the node's peak is in separate)
                 result = waterfat.separate(
                     signal, times, mask, b0_tesla=inputs.b0_tesla, voxel_size=voxel_size,
                     fat_model=model, water_ppm=water_ppm, phase_sign=inputs.phase_sign,

@@ -475,6 +475,22 @@ def _kernel(times: np.ndarray, c: np.ndarray, psis: np.ndarray, r2s: np.ndarray)
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
+def _grid_chunks(s, times, c, psis, r2s, chunk):
+    """Blocks of :func:`grid_residuals`: ``(start, stop, cost, index, energy)`` for every
+    ``chunk`` voxels of ``s``."""
+    kernel = _kernel(times, c, psis, r2s)
+    n_q, n_r = psis.size, r2s.size
+    for start in range(0, s.shape[0], chunk):
+        stop = min(start + chunk, s.shape[0])
+        features, energy = _features(s[start:stop])
+        projected = (features @ kernel).reshape(stop - start, n_r, n_q)
+        index = np.argmax(projected, axis=1).astype(np.int16)
+        cost = 1.0 - _vertex_over_r2star(projected, index, r2s)
+        np.clip(cost, 0.0, 1.0, out=cost)
+        cost[energy <= 0] = 1.0
+        yield start, stop, cost, index, energy
+
+
 def grid_residuals(
     s: np.ndarray,
     times: np.ndarray,
@@ -489,20 +505,11 @@ def grid_residuals(
     ``s`` (N, E) complex voxels; returns ``cost`` (N, Q) float32 in [0, 1], the R2* index of
     the minimum (N, Q) int16 and the signal energy (N,).
     """
-    kernel = _kernel(times, c, psis, r2s)
-    n_q, n_r = psis.size, r2s.size
-    cost = np.empty((s.shape[0], n_q), dtype=np.float32)
-    index = np.empty((s.shape[0], n_q), dtype=np.int16)
+    cost = np.empty((s.shape[0], psis.size), dtype=np.float32)
+    index = np.empty((s.shape[0], psis.size), dtype=np.int16)
     energy = np.empty(s.shape[0], dtype=np.float32)
-    for start in range(0, s.shape[0], chunk):
-        stop = min(start + chunk, s.shape[0])
-        features, energy[start:stop] = _features(s[start:stop])
-        projected = (features @ kernel).reshape(stop - start, n_r, n_q)
-        best = np.argmax(projected, axis=1)
-        index[start:stop] = best
-        cost[start:stop] = 1.0 - _vertex_over_r2star(projected, best, r2s)
-    np.clip(cost, 0.0, 1.0, out=cost)
-    cost[energy <= 0] = 1.0
+    for start, stop, *block in _grid_chunks(s, times, c, psis, r2s, chunk):
+        cost[start:stop], index[start:stop], energy[start:stop] = block
     return cost, index, energy
 
 
@@ -592,27 +599,6 @@ def _smooth_psi(psi, weight, mask, period, sigma):
     return (np.arctan2(im, re) * (period / _TWO_PI)).astype(np.float32), np.hypot(re, im)
 
 
-def _downsample(values: np.ndarray, mask: np.ndarray, axes: Sequence[bool]):
-    """Sum ``values`` (``mask.shape`` plus trailing axes) over 2-blocks along ``axes``."""
-    data = values
-    m = mask.astype(np.float32)
-    for axis, halve in enumerate(axes):
-        if not halve:
-            continue
-        if data.shape[axis] % 2:
-            pad = [(0, 0)] * data.ndim
-            pad[axis] = (0, 1)
-            data = np.pad(data, pad)
-            m = np.pad(m, pad[:3])
-        shape = list(data.shape)
-        shape[axis : axis + 1] = [shape[axis] // 2, 2]
-        data = data.reshape(shape).sum(axis=axis + 1)
-        mshape = list(m.shape)
-        mshape[axis : axis + 1] = [mshape[axis] // 2, 2]
-        m = m.reshape(mshape).sum(axis=axis + 1)
-    return data, m > 0
-
-
 def _upsample(values: np.ndarray, shape: Sequence[int], axes: Sequence[bool]) -> np.ndarray:
     out = values
     for axis, doubled in enumerate(axes):
@@ -662,31 +648,58 @@ def _choose(curve, psis, target, period, fat_hz, smoothness):
     return np.argmin(total, axis=1)
 
 
-def _residual_pyramid(cost, energy, mask, max_levels):
-    """Levels ``(mask, downsampled axes)``, relative residual curves and signal energies of
-    a pyramid of 2x2x2 block sums (at most ``max_levels``; level 0 the voxels): a block's
-    curve is the energy-weighted sum of its voxels' curves over its energy."""
+def _pyramid_levels(mask: np.ndarray, max_levels: int):
+    """Masks of a pyramid of 2x2x2 blocks: ``(mask, halved axes)`` per level (level 0 the
+    voxels; an axis is halved while longer than 6, at most ``max_levels`` levels, none below
+    64 voxels) and, per level but the last, each voxel's block in the next level (an index
+    into that level's voxels)."""
     levels = [(mask, None)]
-    curves = [cost]
-    energies = [energy]
-    if max_levels > 1:
-        dense = np.zeros(mask.shape + (cost.shape[1],), dtype=np.float32)
-        dense[mask] = cost * energy[:, None]
-        dense_energy = np.zeros(mask.shape, dtype=np.float32)
-        dense_energy[mask] = energy
-        m = mask
-        while len(levels) < max_levels:
-            axes = [n > 6 for n in m.shape]
-            if not any(axes) or np.count_nonzero(m) < 64:
-                break
-            dense, m_new = _downsample(dense, m, axes)
-            dense_energy, _ = _downsample(dense_energy, m, axes)
-            m = m_new
-            levels.append((m, axes))
-            level_energy = dense_energy[m]
-            curves.append(dense[m] / np.maximum(level_energy, 1e-30)[:, None])
-            energies.append(level_energy)
-    return levels, curves, energies
+    owners = []
+    m = mask
+    while len(levels) < max_levels:
+        axes = [n > 6 for n in m.shape]
+        if not any(axes) or np.count_nonzero(m) < 64:
+            break
+        block = tuple(c // 2 if halved else c for c, halved in zip(np.nonzero(m), axes))
+        coarse = np.zeros([(n + 1) // 2 if halved else n for n, halved in zip(m.shape, axes)],
+                          dtype=bool)
+        coarse[block] = True
+        index = np.full(coarse.shape, -1, dtype=np.int64)
+        index[coarse] = np.arange(int(np.count_nonzero(coarse)))
+        owners.append(index[block])
+        levels.append((coarse, axes))
+        m = coarse
+    return levels, owners
+
+
+def _add_block_sums(out: np.ndarray, values: np.ndarray, owner: np.ndarray) -> None:
+    """Add each row of ``values`` (N, ...) to row ``owner`` (N,) of ``out`` (sparse sum)."""
+    if owner.size == 0:
+        return
+    low, high = int(owner.min()), int(owner.max()) + 1
+    summing = scipy.sparse.csr_matrix(
+        (np.ones(owner.size, dtype=values.dtype), (owner - low, np.arange(owner.size))),
+        shape=(high - low, owner.size))
+    out[low:high] += summing @ values
+
+
+def _coarse_curves(sums: np.ndarray, energy: np.ndarray, levels, owners):
+    """Relative residual curves and signal energies of the pyramid levels 1, 2, ... from
+    ``sums``, level 1's block sums of the absolute residual curves (relative residual x
+    energy), and the voxels' ``energy``: a block's curve is its voxels' summed absolute
+    curve over their summed energy (level 0 entries are None)."""
+    curves, energies = [None], [None]
+    for level in range(1, len(levels)):
+        n_blocks = int(np.count_nonzero(levels[level][0]))
+        block_energy = np.zeros(n_blocks, dtype=np.float32)
+        _add_block_sums(block_energy, energy if level == 1 else energies[-1], owners[level - 1])
+        if level > 1:
+            coarser = np.zeros((n_blocks, sums.shape[1]), dtype=np.float32)
+            _add_block_sums(coarser, sums, owners[level - 1])
+            sums = coarser
+        curves.append(sums / np.maximum(block_energy, 1e-30)[:, None])
+        energies.append(block_energy)
+    return curves, energies
 
 
 def regularized_field(
@@ -716,7 +729,15 @@ def regularized_field(
     """
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
-    levels, curves, energies = _residual_pyramid(cost, energy, mask, max_levels)
+    levels, owners = _pyramid_levels(mask, max_levels)
+    curves, energies = [cost], [energy]
+    if len(levels) > 1:
+        sums = np.zeros((int(np.count_nonzero(levels[1][0])), psis.size), dtype=np.float32)
+        _add_block_sums(sums, cost * energy[:, None], owners[0])
+        coarse, coarse_energies = _coarse_curves(sums, energy, levels, owners)
+        curves += coarse[1:]
+        energies += coarse_energies[1:]
+        del sums, coarse
     prior = None
     psis32 = psis.astype(np.float32)
     for level in range(len(levels) - 1, -1, -1):
@@ -776,19 +797,22 @@ def _neighbour_pairs(
     the weight ``axis_weight[axis]`` of the pair's axis."""
     index = np.full(mask.shape, -1, dtype=np.int64)
     index[mask] = np.arange(int(np.count_nonzero(mask)))
-    firsts, seconds, weights = [], [], []
-    for axis in range(3):
-        if mask.shape[axis] < 2:
-            continue
+    axes = [axis for axis in range(3) if mask.shape[axis] > 1]
+    both = {axis: mask[_axis_slices(axis)[0]] & mask[_axis_slices(axis)[1]] for axis in axes}
+    counts = [int(np.count_nonzero(both[axis])) for axis in axes]
+    total = sum(counts)
+    p = np.empty(total, dtype=np.int64)
+    q = np.empty(total, dtype=np.int64)
+    weight = np.empty(total, dtype=np.float64)
+    start = 0
+    for axis, size in zip(axes, counts):
         a, b = _axis_slices(axis)
-        both = mask[a] & mask[b]
-        firsts.append(index[a][both])
-        seconds.append(index[b][both])
-        weights.append(np.full(firsts[-1].size, float(axis_weight[axis])))
-    if not firsts:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0)
-    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(weights)
+        block = slice(start, start + size)
+        p[block] = index[a][both[axis]]
+        q[block] = index[b][both[axis]]
+        weight[block] = float(axis_weight[axis])
+        start += size
+    return p, q, weight
 
 
 #: neighbour pairs per axis sampled for :func:`field_trend`
@@ -1094,15 +1118,31 @@ def _pair_terms(psi, psi1, p, q, w_pq):
             w_pq * (psi1[p] - psi[q]) ** 2, w_pq * (psi1[p] - psi1[q]) ** 2)
 
 
+#: neighbour pairs per block of the whole-mask energy sums (temporaries of 32 MB each)
+PAIR_CHUNK = 1 << 22
+
+
+def _pair_blocks(size: int):
+    """Slices of :data:`PAIR_CHUNK` pairs covering ``size`` pairs."""
+    return (slice(start, min(start + PAIR_CHUNK, size)) for start in range(0, size, PAIR_CHUNK))
+
+
 def _unstable(state, psi, data, psi_c, res_c, count, data_weight, p, q, w_pq, period, steps):
     """Voxels that alone lower the energy by some move (their neighbours kept)."""
     n = state.size
     found = np.zeros(n, dtype=bool)
     for step, turns in steps:
         psi1, res1 = _candidate_state(psi_c, res_c, count, period, state + step + turns * count)
-        a, b, c, _ = _pair_terms(psi, psi1, p, q, w_pq)
-        gain = (data_weight * res1 - data + np.bincount(p, c - a, minlength=n)
-                + np.bincount(q, b - a, minlength=n))
+        gain = data_weight * res1 - data
+        for block in _pair_blocks(p.size):
+            pb, qb = p[block], q[block]
+            kept = psi[pb] - psi[qb]
+            kept *= kept
+            for end, moved in ((pb, psi1[pb] - psi[qb]), (qb, psi[pb] - psi1[qb])):
+                moved *= moved
+                moved -= kept
+                moved *= w_pq[block]
+                gain += np.bincount(end, moved, minlength=n)
         found |= gain < -1e-12 * np.abs(data).max(initial=1.0)
     return found
 
@@ -1194,23 +1234,17 @@ def _jump_moves(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, *,
     return state, cuts
 
 
-def _coarse_pairs(p, q, w_pq, fine, coarse, axes):
-    """Pairs of the next pyramid level: the fine pairs ``(p, q, w)`` between voxels of
-    ``fine`` mapped to their 2-blocks in ``coarse`` (halved along ``axes``), pairs inside a
-    block dropped, weights of parallel pairs summed."""
-    coords = np.nonzero(fine)
-    block = tuple(c // 2 if halved else c for c, halved in zip(coords, axes))
-    index = np.full(coarse.shape, -1, dtype=np.int64)
-    index[coarse] = np.arange(int(np.count_nonzero(coarse)))
-    owner = index[block]
+def _coarse_pairs(p, q, w_pq, owner, n_coarse):
+    """Pairs of the next pyramid level: the fine pairs ``(p, q, w)`` mapped to the blocks
+    ``owner`` of their voxels (``n_coarse`` blocks), pairs inside a block dropped, weights
+    of parallel pairs summed."""
     bp, bq = owner[p], owner[q]
     keep = bp != bq
     lo = np.minimum(bp[keep], bq[keep])
     hi = np.maximum(bp[keep], bq[keep])
-    n = int(np.count_nonzero(coarse))
-    keys, inverse = np.unique(lo * n + hi, return_inverse=True)
+    keys, inverse = np.unique(lo * n_coarse + hi, return_inverse=True)
     weights = np.bincount(inverse, w_pq[keep], minlength=keys.size)
-    return keys // n, keys % n, weights
+    return keys // n_coarse, keys % n_coarse, weights
 
 
 def graphcut_field(
@@ -1269,11 +1303,26 @@ def graphcut_field(
       ``parts``: the labels of ``ndimage.label(mask)`` where the caller has them).
     """
     voxels = signal[mask]
-    cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
+    levels, owners = _pyramid_levels(mask, max_levels)
+    # the grid search block by block: each block's candidates, and its residual curves
+    # summed into level 1 (the full curves of every voxel are never held at once)
+    n_blocks = int(np.count_nonzero(levels[1][0])) if len(levels) > 1 else 0
+    sums = np.zeros((n_blocks, psis.size), dtype=np.float32)
+    energy = np.empty(voxels.shape[0], dtype=np.float32)
+    blocks = []
+    for start, stop, cost, index, block_energy in _grid_chunks(voxels, times, c, psis, r2s,
+                                                                chunk):
+        energy[start:stop] = block_energy
+        blocks.append(_candidates(cost, index, psis, r2s, n_candidates))
+        if n_blocks:
+            _add_block_sums(sums, cost * block_energy[:, None], owners[0][start:stop])
+    finest = tuple(np.concatenate(parts) for parts in zip(*blocks))  # column 0: the best
+    del blocks, voxels
+    curves, energies = _coarse_curves(sums, energy, levels, owners)
+    del sums
+    energies[0] = energy
     scale = float(np.median(energy[energy > 0])) if np.any(energy > 0) else 1.0
-    levels, curves, energies = _residual_pyramid(cost, energy, mask, max_levels)
     energies = [level_energy / scale for level_energy in energies]
-    finest = _candidates(cost, index, psis, r2s, n_candidates)  # column 0: the best
     lam = GRAPHCUT_SCALE * float(smoothness) / float(fat_hz) ** 2
     # pair weights of every level (docstring): edge-stopping for the coarse levels, plain
     # signal weights for the local ones; coarse pairs sum the fine pairs between blocks
@@ -1288,14 +1337,19 @@ def graphcut_field(
     p, q, geometry = _neighbour_pairs(mask, axis_weight)
     weak = np.minimum(energies[0][p], energies[0][q])
     ratio = np.minimum(weak / _tissue_energy(energies[0]), 1.0)
-    stopping = [(p, q, lam * weak * ratio ** (edge_power - 1.0) * geometry)]
-    plain = [(p, q, lam * weak * geometry)]
+    weak *= lam
+    ratio **= edge_power - 1.0
+    ratio *= weak
+    stopping = [(p, q, ratio * geometry)]
+    plain = [(p, q, weak * geometry)]
+    del weak, ratio, geometry
     for level in range(1, len(levels)):
-        args = (levels[level - 1][0], levels[level][0], levels[level][1])
+        args = (owners[level - 1], int(np.count_nonzero(levels[level][0])))
         stopping.append(_coarse_pairs(*stopping[-1], *args))
         if level < local_levels:
             plain.append(_coarse_pairs(*plain[-1], *args))
-    del weak, ratio
+    if local_levels > 0:
+        stopping[0] = None  # the finest level uses the plain weights
     prior = None
     total_cuts = 0
     for level in range(len(levels) - 1, -1, -1):
@@ -1303,6 +1357,9 @@ def graphcut_field(
         raw = finest if level == 0 else _candidates(
             curves[level], np.zeros(curves[level].shape, np.int16), psis, r2s, n_candidates)
         psi_c, res_c, r2_c, count = _sorted_candidates(*raw)
+        del raw
+        if level == 0:
+            finest = None  # its sorted copy is all the level needs
         e = energies[level]
         local = level < local_levels
         p, q, w_pq = plain[level] if local else stopping[level]
@@ -1354,8 +1411,13 @@ def _move_parts(psi_c, res_c, count, data_weight, p, q, w_pq, period, state, lab
     n_parts = int(labels.max(initial=0)) + 1
 
     def part_energy(psi, res):
-        return (np.bincount(labels, data_weight * res, minlength=n_parts)
-                + np.bincount(labels[p], w_pq * (psi[p] - psi[q]) ** 2, minlength=n_parts))
+        energy = np.bincount(labels, data_weight * res, minlength=n_parts)
+        for block in _pair_blocks(p.size):
+            pair = psi[p[block]] - psi[q[block]]
+            pair *= pair
+            pair *= w_pq[block]
+            energy += np.bincount(labels[p[block]], pair, minlength=n_parts)
+        return energy
 
     psi, res = _candidate_state(psi_c, res_c, count, period, state)
     best = part_energy(psi, res)
