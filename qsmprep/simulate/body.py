@@ -335,8 +335,10 @@ def leg_dataset(
     snr: float | None = 100.0,
     seed: int = 0,
     marrow: dict[int, tuple[float, float]] | None = None,
+    leg_semi_mm: tuple[float, float] = (50.0, 43.0),
 ) -> tuple[GreSimulation, BodyPhantom]:
     """Leg phantom and its simulation cropped to the field of view (see the functions above)."""
-    body, fov = leg_phantom(voxel_size=voxel_size, fov_mm=fov_mm, marrow=marrow)
+    body, fov = leg_phantom(voxel_size=voxel_size, fov_mm=fov_mm, marrow=marrow,
+                            leg_semi_mm=leg_semi_mm)
     return simulate_waterfat_gre(body, echo_times=echo_times, b0_tesla=b0_tesla,
                                  fat_model=fat_model, snr=snr, seed=seed, crop=fov)
