@@ -28,6 +28,9 @@ Pipeline of :func:`separate`:
    bilinear form in the echo products ``conj(s_m) s_n``: one float32 matrix product
    ``[voxels x E^2] @ [E^2 x (n_R2* n_psi)]`` evaluates every grid point for every voxel.
    The psi grid spans one period ``1/min(dTE)`` (the residual's period for uniform echoes).
+   The graph cut runs it in blocks of voxels and keeps only each voxel's candidates (below)
+   and the blocks' summed curves for its pyramid: 256x256x176 x 8 echoes then needs 3.4 GB,
+   not 7.4 (RESULTS.md).
 2. **Candidates.** The (up to ``n_candidates``) lowest local minima over psi (minimised over
    R2*, between the R2* grid points by parabolic interpolation) per voxel, refined to
    sub-grid precision in psi by parabolic interpolation. Water/fat
