@@ -137,7 +137,7 @@ def test_pyramid_block_sums_and_blockwise_grid_search_are_exact(monkeypatch):
     n = int(mask.sum())
     cost = rng.uniform(size=(n, 5)).astype(np.float32)
     energy = rng.uniform(0.5, 2.0, n).astype(np.float32)
-    sums = np.zeros((int(levels[1][0].sum()), 5), dtype=np.float32)
+    sums = wf._level1_sums(levels, 5)
     for start in range(0, n, 7):  # blockwise, as the graph cut accumulates
         block = slice(start, start + 7)
         wf._add_block_sums(sums, cost[block] * energy[block, None], owners[0][block])

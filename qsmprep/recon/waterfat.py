@@ -686,16 +686,22 @@ def _add_block_sums(out: np.ndarray, values: np.ndarray, owner: np.ndarray) -> N
     out[low:high] += summing @ values
 
 
+def _level1_sums(levels, n_psi: int) -> np.ndarray:
+    """Zeroed level-1 block sums of the absolute residual curves (none for one level)."""
+    n_blocks = int(np.count_nonzero(levels[1][0])) if len(levels) > 1 else 0
+    return np.zeros((n_blocks, n_psi), dtype=np.float32)
+
+
 def _coarse_curves(sums: np.ndarray, energy: np.ndarray, levels, owners):
-    """Relative residual curves and signal energies of the pyramid levels 1, 2, ... from
-    ``sums``, level 1's block sums of the absolute residual curves (relative residual x
-    energy), and the voxels' ``energy``: a block's curve is its voxels' summed absolute
-    curve over their summed energy (level 0 entries are None)."""
-    curves, energies = [None], [None]
+    """Relative residual curves and signal energies of every pyramid level from ``sums``,
+    level 1's block sums of the absolute residual curves (relative residual x energy), and
+    the voxels' ``energy``: a block's curve is its voxels' summed absolute curve over their
+    summed energy (the level-0 curve entry is None: the caller has the voxels' curves)."""
+    curves, energies = [None], [energy]
     for level in range(1, len(levels)):
         n_blocks = int(np.count_nonzero(levels[level][0]))
         block_energy = np.zeros(n_blocks, dtype=np.float32)
-        _add_block_sums(block_energy, energy if level == 1 else energies[-1], owners[level - 1])
+        _add_block_sums(block_energy, energies[-1], owners[level - 1])
         if level > 1:
             coarser = np.zeros((n_blocks, sums.shape[1]), dtype=np.float32)
             _add_block_sums(coarser, sums, owners[level - 1])
@@ -733,14 +739,12 @@ def regularized_field(
     voxels = signal[mask]
     cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
     levels, owners = _pyramid_levels(mask, max_levels)
-    curves, energies = [cost], [energy]
-    if len(levels) > 1:
-        sums = np.zeros((int(np.count_nonzero(levels[1][0])), psis.size), dtype=np.float32)
+    sums = _level1_sums(levels, psis.size)
+    if owners:
         _add_block_sums(sums, cost * energy[:, None], owners[0])
-        coarse, coarse_energies = _coarse_curves(sums, energy, levels, owners)
-        curves += coarse[1:]
-        energies += coarse_energies[1:]
-        del sums, coarse
+    curves, energies = _coarse_curves(sums, energy, levels, owners)
+    curves[0] = cost
+    del sums
     prior = None
     psis32 = psis.astype(np.float32)
     for level in range(len(levels) - 1, -1, -1):
@@ -800,21 +804,19 @@ def _neighbour_pairs(
     the weight ``axis_weight[axis]`` of the pair's axis."""
     index = np.full(mask.shape, -1, dtype=np.int64)
     index[mask] = np.arange(int(np.count_nonzero(mask)))
-    axes = [axis for axis in range(3) if mask.shape[axis] > 1]
-    both = {axis: mask[_axis_slices(axis)[0]] & mask[_axis_slices(axis)[1]] for axis in axes}
-    counts = [int(np.count_nonzero(both[axis])) for axis in axes]
-    total = sum(counts)
-    p = np.empty(total, dtype=np.int64)
+    slices = {axis: _axis_slices(axis) for axis in range(3) if mask.shape[axis] > 1}
+    both = {axis: mask[a] & mask[b] for axis, (a, b) in slices.items()}
+    total = sum(int(np.count_nonzero(pairs)) for pairs in both.values())
+    p = np.empty(total, dtype=np.int64)  # filled in place: no per-axis lists to concatenate
     q = np.empty(total, dtype=np.int64)
     weight = np.empty(total, dtype=np.float64)
     start = 0
-    for axis, size in zip(axes, counts):
-        a, b = _axis_slices(axis)
-        block = slice(start, start + size)
+    for axis, (a, b) in slices.items():
+        block = slice(start, start + int(np.count_nonzero(both[axis])))
         p[block] = index[a][both[axis]]
         q[block] = index[b][both[axis]]
         weight[block] = float(axis_weight[axis])
-        start += size
+        start = block.stop
     return p, q, weight
 
 
@@ -1309,21 +1311,19 @@ def graphcut_field(
     levels, owners = _pyramid_levels(mask, max_levels)
     # the grid search block by block: each block's candidates, and its residual curves
     # summed into level 1 (the full curves of every voxel are never held at once)
-    n_blocks = int(np.count_nonzero(levels[1][0])) if len(levels) > 1 else 0
-    sums = np.zeros((n_blocks, psis.size), dtype=np.float32)
+    sums = _level1_sums(levels, psis.size)
     energy = np.empty(voxels.shape[0], dtype=np.float32)
     blocks = []
     for start, stop, cost, index, block_energy in _grid_chunks(voxels, times, c, psis, r2s,
                                                                 chunk):
         energy[start:stop] = block_energy
         blocks.append(_candidates(cost, index, psis, r2s, n_candidates))
-        if n_blocks:
+        if owners:
             _add_block_sums(sums, cost * block_energy[:, None], owners[0][start:stop])
-    finest = tuple(np.concatenate(parts) for parts in zip(*blocks))  # column 0: the best
+    finest = tuple(np.concatenate(column) for column in zip(*blocks))  # column 0: the best
     del blocks, voxels
     curves, energies = _coarse_curves(sums, energy, levels, owners)
     del sums
-    energies[0] = energy
     scale = float(np.median(energy[energy > 0])) if np.any(energy > 0) else 1.0
     energies = [level_energy / scale for level_energy in energies]
     lam = GRAPHCUT_SCALE * float(smoothness) / float(fat_hz) ** 2
