@@ -39,7 +39,8 @@ class BrainMask(SimpleInterface):
             if mask.shape != magnitude.shape[:3]:
                 raise ValueError(f"{self.inputs.provided_mask}: mask shape {mask.shape} does "
                                  f"not match the data {magnitude.shape[:3]}; resample it.")
-            metadata = {"Type": "Brain", "Sources": [str(self.inputs.provided_mask)],
+            metadata = {"Type": "ROI" if self.inputs.mask_type == "body" else "Brain",
+                        "Sources": [str(self.inputs.provided_mask)],
                         "Description": "Provided mask."}
         else:
             threshold = self.inputs.threshold if self.inputs.threshold else None

@@ -58,6 +58,11 @@ def test_chain_of_interfaces(simulated, tmp_path):
 
     mask = _run(BrainMask(magnitude=loaded.magnitude, finite_mask=loaded.finite_mask), tmp_path)
     brain = nb.load(mask.mask).get_fdata() > 0
+    for mask_type, kind in (("brain", "Brain"), ("body", "ROI")):  # a provided mask's type
+        (tmp_path / mask_type).mkdir()
+        provided = BrainMask(magnitude=loaded.magnitude, provided_mask=mask.mask,
+                             mask_type=mask_type).run(cwd=str(tmp_path / mask_type)).outputs
+        assert provided.metadata["Type"] == kind
     dice = 2 * (brain & phantom.brain_mask).sum() / (brain.sum() + phantom.brain_mask.sum())
     assert dice > 0.8  # the magnitude mask also covers the outer CSF (coarse 4 mm grid)
 
