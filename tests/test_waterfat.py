@@ -331,6 +331,40 @@ def test_isolated_parts_continue_the_field_across_air():
     assert np.mean(np.abs(result.pdff - pdff)[mask]) < 2.0
 
 
+def test_two_legs_share_one_smooth_field():
+    """Two legs side by side, B0 in-plane across them (3 T, 6 echoes, period 1000 Hz), the
+    field forward-simulated from the air-tissue susceptibility step: inside each leg it
+    bends (-106 to +181 Hz), so one leg's own quadratic, carried across the gap, put the
+    other leg a whole period (1000 Hz) off. One quadratic fitted through both legs at once
+    places each leg right."""
+    from qsmprep.recon.dipole import forward_field, ppm_to_hz
+
+    vs, shape = (2.0, 2.0, 5.0), (96, 80, 20)
+    x, y, _ = np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * v for n, v in zip(shape, vs)],
+                          indexing="ij")
+    legs = [((x - cx) / 38) ** 2 + (y / 46) ** 2 <= 1 for cx in (-48, 48)]
+    muscle = [((x - cx) / 31) ** 2 + (y / 39) ** 2 <= 1 for cx in (-48, 48)]
+    tissue = legs[0] | legs[1]
+    fraction = np.where(tissue & ~(muscle[0] | muscle[1]), 0.95, 0.03) * tissue
+    chi = np.where(tissue, -9.4 + 0.6 * fraction, 0.0).astype(np.float32)  # ppm vs air
+    slab = (slice(None), slice(None), slice(8, 12))  # the legs run on beyond the slab
+    field = ppm_to_hz(forward_field(chi, vs, (0, 1, 0), pad=list(shape)), B0)[slab]
+    tissue, fraction = tissue[slab], fraction[slab]
+    field -= np.median(field[tissue])
+    c = wf.fat_signal(UNIFORM_TE, B0, "ismrm")
+    rng = np.random.default_rng(0)
+    signal = ((1 - fraction)[..., None] + fraction[..., None] * c) * np.exp(
+        (-40 + 2j * np.pi * field[..., None]) * UNIFORM_TE) * tissue[..., None]
+    signal += 0.01 * (rng.standard_normal(signal.shape) + 1j * rng.standard_normal(signal.shape))
+    result = wf.separate(signal.astype(np.complex64), UNIFORM_TE, tissue, b0_tesla=B0,
+                         voxel_size=vs)
+    labels, count = ndimage.label(tissue)
+    assert count == 2 and np.ptp(field[tissue]) > 250
+    for part in range(1, count + 1):
+        assert np.median(np.abs(result.field_hz - field)[labels == part]) < 1.0
+    assert np.mean(np.abs(result.pdff - 100 * fraction)[tissue]) < 1.5
+
+
 def test_isolated_pure_fat_and_water_parts_are_not_swapped():
     """A pure-fat and a pure-water disc apart from the body (1.5 T, 4 echoes, a 300 Hz field
     gradient): nothing links them to the rest and within each the swapped field is as smooth
@@ -386,6 +420,23 @@ def test_phase_sign_is_told_by_the_fat_signal(caplog):
     assert _run(np.conj(water), te, mask, phase_sign="auto").parameters["PhaseSign"] == 1
     with pytest.raises(ValueError, match="phase_sign"):
         _run(signal, UNIFORM_TE, mask, phase_sign=0)
+
+
+def test_three_echoes_cannot_tell_the_phase_sign(caplog):
+    """Water, fat, a field and an R2* (6 real unknowns) fit 3 complex echoes exactly with
+    either handedness, the wrong one as water and fat swapped everywhere: 'auto' keeps +1 and
+    warns; a given sign separates correctly."""
+    signal, mask, field, pdff, _ = _volume(UNIFORM_TE[:3], seed=4, shape=(32, 32, 6))
+    mirrored = np.conj(signal)
+    check = wf.check_phase_sign(mirrored, UNIFORM_TE[:3], mask, b0_tesla=B0)
+    assert check.preferred is None and not check.identifiable
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        guessed = _run(mirrored, UNIFORM_TE[:3], mask)
+    assert guessed.parameters["PhaseSign"] == 1 and "not possible with 3 echoes" in caplog.text
+    assert "--phase-sign" in caplog.text
+    given = _run(mirrored, UNIFORM_TE[:3], mask, phase_sign=-1)
+    assert np.median(np.abs(given.field_hz - field)[mask]) < 5.0  # 3 echoes: noisier
+    assert np.mean(np.abs(given.pdff - pdff)[mask]) < 3.0
 
 
 

@@ -458,29 +458,51 @@ def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.
 def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
                       voxel_size: Sequence[float], weight: np.ndarray,
                       components: tuple[np.ndarray, int] | None = None) -> np.ndarray:
-    """Shift each 6-connected mask component by a multiple of ``period``: the one of largest
-    ``weight`` (signal energy) so its mean is closest to 0, every other one so it continues
-    the smooth field of the largest (its 2nd-order polynomial trend) across the gap. An
-    isolated part has no neighbour to unwrap against, and the field is smooth through air.
+    """Shift each 6-connected mask component by a multiple of ``period`` so that one smooth
+    field, a 2nd-order polynomial fitted to all components jointly (``weight``: signal
+    energy), runs through them, then the whole so its mean is closest to 0. An isolated part
+    has no neighbour to unwrap against, and the field is smooth through air; fitted jointly,
+    no one part's trend is extrapolated across a gap.
     ``components``: ``ndimage.label(mask)`` where the caller has it."""
     labels, n_labels = components = (ndimage.label(mask) if components is None
                                      else components)
     centred = _center_components(unwrapped, mask, period, components)
     if n_labels < 2:
         return centred
-    flat = labels[mask]
-    w = np.where(mask, weight, 0).astype(np.float64)
-    mass = np.bincount(flat, weights=w[mask], minlength=n_labels + 1)
-    mass[0] = 0.0
-    main = int(np.argmax(mass))
-    trend = _polynomial_trend(centred, np.where(labels == main, w, 0), voxel_size)
-    offset = np.bincount(flat, weights=(centred - trend)[mask] * w[mask],
-                         minlength=n_labels + 1)
-    shifts = np.round(offset / np.maximum(mass, 1e-30) / period) * period
-    shifts[[0, main]] = 0.0
-    result = centred.copy()
-    result[mask] -= shifts[flat].astype(centred.dtype)
-    return result
+    coords = grid_coordinates(mask.shape, voxel_size)
+    # every other voxel along each axis (an eighth of the voxels is plenty)
+    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in mask.shape)
+    inside = mask[sub] & (weight[sub] > 0)
+    part = labels[sub][inside]
+    if np.unique(part).size < 2:
+        return centred
+    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
+    design = np.stack(np.broadcast_arrays(*quadratic_terms(*(g[inside] for g in grids))), 1)
+    sw = np.sqrt(weight[sub][inside].astype(np.float64))
+    basis, singular, _ = np.linalg.svd(design * sw[:, None], full_matrices=False)
+    basis = basis[:, singular > 1e-9 * singular[0]]
+
+    def off_trend(columns: np.ndarray) -> np.ndarray:  # weighted residual of the joint fit
+        return columns - basis @ (basis.T @ columns)
+
+    values = off_trend(centred[sub][inside] * sw)
+    steps = off_trend((part[:, None] == np.arange(1, n_labels + 1)) * (period * sw[:, None]))
+    # residual ||values + steps k||^2 over integer shifts k: a small quadratic in k
+    gram, cross = steps.T @ steps, steps.T @ values
+    shifts = np.zeros(n_labels)
+    for _ in range(8 * n_labels):  # coordinate descent from the per-part centring
+        gains = [(2 * cross[j] + 2 * gram[j] @ shifts + gram[j, j] * d) * d
+                 for j in range(n_labels) for d in (-1.0, 1.0)]
+        best = int(np.argmin(gains))
+        if gains[best] >= -1e-9 * max(float(values @ values), 1e-30):
+            break
+        shifts[best // 2] += (-1.0, 1.0)[best % 2]
+    shifted = centred.copy()
+    shifted[mask] += (period * np.concatenate(([0.0], shifts)))[labels[mask]].astype(
+        centred.dtype)
+    whole = np.round(float(shifted[mask].mean()) / period) * period
+    shifted[mask] -= np.float32(whole)
+    return shifted
 
 
 def _unwrap_centered(

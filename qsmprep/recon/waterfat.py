@@ -290,7 +290,8 @@ class PhaseSignCheck:
     inconclusive, e.g. no fat); ``excess`` how much larger the energy-weighted residual of
     the other sign is than that of the given one, relative (negative: the other sign fits
     better); ``vote`` the fraction of the voxels that tell the signs apart which fit better
-    with the given sign; ``message`` one line for logs/reports.
+    with the given sign; ``message`` one line for logs/reports; ``identifiable`` False for 3
+    echoes, which either sign fits exactly (water and fat swapped everywhere).
     """
 
     given: int
@@ -298,6 +299,7 @@ class PhaseSignCheck:
     excess: float
     vote: float
     message: str
+    identifiable: bool = True
 
 
 @dataclasses.dataclass
@@ -1762,12 +1764,15 @@ def check_phase_sign(
         message = (f"phase sign check: the fat signal contradicts phase sign {phase_sign:+d}: "
                    f"the data fit {100 * deficit:.0f}% better with {-phase_sign:+d} "
                    f"({100 * (1 - vote):.0f}% of {count} informative voxels agree)")
+    elif times.size <= 3:
+        message = ("phase sign check: not possible with 3 echoes (water and fat with a field "
+                   "and an R2* fit them exactly with either sign)")
     else:
         message = (f"phase sign check: inconclusive (residual of the other sign "
                    f"{100 * excess:+.0f}%, {100 * vote:.0f}% of {count} informative voxels "
                    f"for {phase_sign:+d}; little or no fat, or too few echoes)")
     return PhaseSignCheck(given=int(phase_sign), preferred=preferred, excess=float(excess),
-                          vote=vote, message=message)
+                          vote=vote, message=message, identifiable=times.size > 3)
 
 
 def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) -> int:
@@ -1776,7 +1781,12 @@ def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) 
     sign (+1 or -1) is kept, with a warning when the fat signal contradicts it."""
     if requested == "auto":
         sign = check.preferred or 1
-        LOGGER.info("%s; using %+d", check.message, sign)
+        if check.identifiable:
+            LOGGER.info("%s; using %+d", check.message, sign)
+        else:
+            LOGGER.warning("%s; using %+d. With the other handedness water and fat come out "
+                           "swapped everywhere (fat where muscle is): give the scanner's "
+                           "phase sign (--phase-sign, phase_sign=).", check.message, sign)
         return sign
     if check.preferred == -requested:
         LOGGER.warning("%s. A wrong sign swaps water and fat everywhere and flips the field: "
@@ -1831,7 +1841,8 @@ def separate(
         +1: phase grows as ``+2 pi f t`` (ISMRM 2012 toolbox ``PrecessionIsClockwise =
         1``); -1: the opposite handedness (``PrecessionIsClockwise = 0``), conjugates the
         data; ``"auto"`` (default): the sign the fat signal supports
-        (:func:`check_phase_sign`), +1 where it is inconclusive. The check also runs for a
+        (:func:`check_phase_sign`), +1 where it is inconclusive (always with 3 echoes, which
+        fit either sign exactly: a warning asks for the sign). The check also runs for a
         given sign and warns when the fat signal contradicts it (a wrong sign swaps water
         and fat everywhere).
     smoothness
