@@ -515,8 +515,10 @@ def _unwrap_centered(
     phase2: np.ndarray | None = None,
     te: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Spatial unwrap (3D) and centring of each component; with ``method="romeo"`` and a
-    second echo (``phase2``, ``te``) region growing uses the phase-gradient coherence."""
+    """Spatial unwrap (3D), each component shifted by whole turns so one smooth field runs
+    through them all (:func:`_align_components`, weighted by ``magnitude`` squared); with
+    ``method="romeo"`` and a second echo (``phase2``, ``te``) region growing uses the
+    phase-gradient coherence."""
     if method == "romeo" and phase2 is not None:
         unwrapped = unwrap_module.region_growing(
             wrapped, mask, magnitude=magnitude, voxel_size=voxel_size, phase2=phase2, te=te
@@ -525,7 +527,8 @@ def _unwrap_centered(
         unwrapped = unwrap_module.unwrap(
             wrapped, mask, method=method, magnitude=magnitude, voxel_size=voxel_size
         )
-    return _center_components(unwrapped, mask, _TWO_PI)
+    weight = np.ones(mask.shape, np.float32) if magnitude is None else np.square(magnitude)
+    return _align_components(unwrapped, mask, _TWO_PI, voxel_size, weight)
 
 
 def mcpc3ds_offset(
