@@ -1705,6 +1705,18 @@ PHASE_SIGN_VOTE = 0.55
 PHASE_SIGN_VOXELS = 50000
 
 
+def _best_fit(voxels, times, c, psis, r2s) -> tuple[np.ndarray, np.ndarray]:
+    """Relative residual of each voxel's best grid minimum after VARPRO refinement, and the
+    signal energy. Unrefined, the grid steps leave residuals that at high SNR outweigh the
+    misfit of a mirrored fat spectrum."""
+    cost, index, energy = grid_residuals(voxels, times, c, psis, r2s)
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(best.size)
+    refined = varpro_refine(voxels, times, c, psis[best], r2s[index[rows, best]],
+                            max_shift_hz=REFINE_MAX_SHIFT_STEPS * float(psis[1] - psis[0]))[4]
+    return np.minimum(refined / np.maximum(energy, 1e-30), cost[rows, best]), energy
+
+
 def check_phase_sign(
     signal: np.ndarray,
     echo_times: Sequence[float],
@@ -1721,13 +1733,17 @@ def check_phase_sign(
 
     Conjugating the data mirrors every frequency: water stays a single line (pure water fits
     either sign equally), but the multi-peak fat spectrum then sits on the wrong side of
-    water and fits worse. The best VARPRO grid residual of each strong voxel (up to
-    :data:`PHASE_SIGN_VOXELS`) is compared for ``phase_sign`` and its opposite; a sign is
-    preferred when the other's energy-weighted residual is :data:`PHASE_SIGN_EXCESS` larger
-    and :data:`PHASE_SIGN_VOTE` of the voxels whose residuals differ (by > 10% of the median
-    residual) agree. Measured: ISMRM 2012 cases 12 / 15 excess 0.81 / 1.86, vote 0.70 /
-    0.87; leg phantom with 6 echoes 0.24-0.92, 0.76-0.96; with 4 echoes (0.05, 0.6) it is
-    inconclusive; without fat always inconclusive.
+    water and fits worse. Each strong voxel's (up to :data:`PHASE_SIGN_VOXELS`) best grid
+    minimum is refined by VARPRO for ``phase_sign`` and its opposite; a sign is preferred
+    when the other's energy-weighted residual is :data:`PHASE_SIGN_EXCESS` larger and
+    :data:`PHASE_SIGN_VOTE` of the voxels whose residuals differ (by > 10% of the median
+    residual) agree. Measured (excess, vote): ISMRM 2012 cases 12 / 15 (1.85, 0.69) /
+    (44.5, 0.97); leg phantom at SNR 100 with 4 echoes (1.25, 0.72), with 6 (3.42, 0.94);
+    random body sections (``benchmarks/waterfat_random.py`` generator, 55 with 4-9 echoes,
+    each sign) 110 of 110 right. On the unrefined grid residuals the grid steps outweighed
+    the misfit: the leg with 4 echoes and 9-echo sections at SNR 20 were inconclusive (+1
+    taken, water and fat swapped everywhere when it was wrong). Without fat, and with 3
+    echoes, always inconclusive.
     """
     if phase_sign not in (1, -1, "auto"):
         raise ValueError(f"phase_sign must be +1, -1 or 'auto', got {phase_sign!r}.")
@@ -1741,9 +1757,8 @@ def check_phase_sign(
     voxels = data.reshape(-1, times.size)[strong_sample(data, mask, PHASE_SIGN_VOXELS)]
     if phase_sign == -1:
         voxels = np.conj(voxels)
-    given, _, weight = grid_residuals(voxels, times, c, psis, r2s)
-    other = grid_residuals(np.conj(voxels), times, c, psis, r2s)[0].min(axis=1)
-    given = given.min(axis=1)
+    given, weight = _best_fit(voxels, times, c, psis, r2s)
+    other = _best_fit(np.conj(voxels), times, c, psis, r2s)[0]
     given_total = float(np.dot(weight, given))
     other_total = float(np.dot(weight, other))
     difference = other - given
