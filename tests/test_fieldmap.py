@@ -106,6 +106,32 @@ def test_isolated_parts_share_one_smooth_field(method):
         assert np.median(np.abs(estimate.field_hz - field)[inside]) < 1.0
 
 
+def test_align_components_with_many_small_parts():
+    """Two legs plus 400 one-voxel islands (a noisy mask), each part shifted by a random
+    number of periods: the 64 largest parts choose their shifts jointly, the rest follow the
+    joint trend; every voxel comes back to the field."""
+    vs, period = (2.0, 2.0, 4.0), 250.0
+    x, y = np.meshgrid((np.arange(96) - 47.5) * 2.0, (np.arange(80) - 39.5) * 2.0,
+                       indexing="ij")
+    legs = (((x + 48) / 38) ** 2 + (y / 46) ** 2 <= 1) | (((x - 48) / 38) ** 2
+                                                          + (y / 46) ** 2 <= 1)
+    rng = np.random.default_rng(1)
+    islands = np.zeros_like(legs)
+    while islands.sum() < 400:
+        a, b = rng.integers(0, [96, 80])
+        islands[a, b] = not (legs | islands)[max(a - 1, 0):a + 2, max(b - 1, 0):b + 2].any()
+    mask = np.repeat((legs | islands)[..., None], 4, axis=2)
+    field = np.repeat((3.0 * x + 0.02 * y * y)[..., None], 4, axis=2)
+    labels, count = ndimage.label(mask)
+    shifts = rng.integers(-3, 4, count + 1) * period
+    shifts[0] = 0
+    shifted = ((field + shifts[labels]) * mask).astype(np.float32)
+    aligned = fieldmap._align_components(shifted, mask, period, vs,
+                                         np.ones(mask.shape, np.float32))
+    assert count == 402
+    assert np.abs(aligned - field)[mask].max() < 1e-3
+
+
 def test_nonlinear_fit_outputs():
     magnitude, phase, times, mask, field, offset = simulate(
         shape=(40, 40, 32), echo_times=(0.004, 0.008, 0.012, 0.016, 0.020))

@@ -455,6 +455,11 @@ def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.
     return np.broadcast_to(trend, values.shape).astype(np.float32)
 
 
+#: components whose period multiple is chosen jointly (the largest by weight); smaller ones
+#: continue the joint trend of those
+ALIGNED_COMPONENTS = 64
+
+
 def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
                       voxel_size: Sequence[float], weight: np.ndarray,
                       components: tuple[np.ndarray, int] | None = None) -> np.ndarray:
@@ -462,46 +467,69 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     field, a 2nd-order polynomial fitted to all components jointly (``weight``: signal
     energy), runs through them, then the whole so its mean is closest to 0. An isolated part
     has no neighbour to unwrap against, and the field is smooth through air; fitted jointly,
-    no one part's trend is extrapolated across a gap.
-    ``components``: ``ndimage.label(mask)`` where the caller has it."""
+    no one part's trend is extrapolated across a gap. The :data:`ALIGNED_COMPONENTS` largest
+    components choose their multiples jointly; smaller ones take the multiple nearest the
+    joint trend. ``components``: ``ndimage.label(mask)`` where the caller has it."""
     labels, n_labels = components = (ndimage.label(mask) if components is None
                                      else components)
     centred = _center_components(unwrapped, mask, period, components)
     if n_labels < 2:
         return centred
-    coords = grid_coordinates(mask.shape, voxel_size)
     # every other voxel along each axis (an eighth of the voxels is plenty)
     sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in mask.shape)
     inside = mask[sub] & (weight[sub] > 0)
-    part = labels[sub][inside]
-    if np.unique(part).size < 2:
-        return centred
+    mass = np.bincount(labels[sub][inside], weights=weight[sub][inside],
+                       minlength=n_labels + 1)
+    mass[0] = 0.0
+    largest = np.argsort(mass)[::-1][:ALIGNED_COMPONENTS]
+    largest = largest[mass[largest] > 0]
+    rank = np.full(n_labels + 1, -1)
+    rank[largest] = np.arange(largest.size)
+    inside &= rank[labels[sub]] >= 0
+    part = rank[labels[sub][inside]]
+    coords = grid_coordinates(mask.shape, voxel_size)
     grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
     design = np.stack(np.broadcast_arrays(*quadratic_terms(*(g[inside] for g in grids))), 1)
     sw = np.sqrt(weight[sub][inside].astype(np.float64))
-    basis, singular, _ = np.linalg.svd(design * sw[:, None], full_matrices=False)
-    basis = basis[:, singular > 1e-9 * singular[0]]
-
-    def off_trend(columns: np.ndarray) -> np.ndarray:  # weighted residual of the joint fit
-        return columns - basis @ (basis.T @ columns)
-
-    values = off_trend(centred[sub][inside] * sw)
-    steps = off_trend((part[:, None] == np.arange(1, n_labels + 1)) * (period * sw[:, None]))
-    # residual ||values + steps k||^2 over integer shifts k: a small quadratic in k
-    gram, cross = steps.T @ steps, steps.T @ values
-    shifts = np.zeros(n_labels)
-    for _ in range(8 * n_labels):  # coordinate descent from the per-part centring
-        gains = [(2 * cross[j] + 2 * gram[j] @ shifts + gram[j, j] * d) * d
-                 for j in range(n_labels) for d in (-1.0, 1.0)]
+    basis, singular, rows = np.linalg.svd(design * sw[:, None], full_matrices=False)
+    keep = singular > 1e-9 * singular[0]
+    basis, singular, rows = basis[:, keep], singular[keep], rows[keep]
+    target = centred[sub][inside] * sw
+    values = target - basis @ (basis.T @ target)  # off the joint trend
+    # integer shifts k (periods) of the parts: minimise ||values + P (I - U U^T) A k||^2,
+    # A the weighted part indicators; its Gram matrix and gradient need only part sums
+    k = largest.size
+    projected = np.stack([np.bincount(part, weights=column * sw, minlength=k)
+                          for column in basis.T])
+    gram = period**2 * (np.diag(np.bincount(part, weights=sw * sw, minlength=k))
+                        - projected.T @ projected)
+    gradient = period * np.bincount(part, weights=sw * values, minlength=k)
+    shifts = np.zeros(k)
+    tolerance = -1e-9 * max(float(values @ values), 1e-30)
+    for _ in range(8 * k):  # coordinate descent from the per-part centring
+        gains = np.concatenate([2 * gradient, -2 * gradient]) + np.tile(np.diag(gram), 2)
         best = int(np.argmin(gains))
-        if gains[best] >= -1e-9 * max(float(values @ values), 1e-30):
+        if gains[best] >= tolerance:
             break
-        shifts[best // 2] += (-1.0, 1.0)[best % 2]
+        step = 1.0 if best < k else -1.0
+        shifts[best % k] += step
+        gradient += step * gram[:, best % k]
+    per_label = np.zeros(n_labels + 1)
+    per_label[largest] = period * shifts
+    # the smaller components: the multiple nearest the joint trend through the larger ones
+    fitted = basis.T @ (target + per_label[labels[sub][inside]] * sw)
+    coef = rows.T @ (fitted / singular)
+    trend = sum(cf * t for cf, t in zip(coef, quadratic_terms(*np.ix_(*coords))))
+    trend = np.broadcast_to(trend, mask.shape)[mask]
+    flat = labels[mask]
+    offset = np.bincount(flat, weights=centred[mask] - trend, minlength=n_labels + 1)
+    nearest = -np.round(offset / np.maximum(np.bincount(flat, minlength=n_labels + 1), 1)
+                        / period) * period
+    per_label = np.where(rank >= 0, per_label, nearest)
+    per_label[0] = 0.0
     shifted = centred.copy()
-    shifted[mask] += (period * np.concatenate(([0.0], shifts)))[labels[mask]].astype(
-        centred.dtype)
-    whole = np.round(float(shifted[mask].mean()) / period) * period
-    shifted[mask] -= np.float32(whole)
+    shifted[mask] += per_label[flat].astype(centred.dtype)
+    shifted[mask] -= np.float32(np.round(float(shifted[mask].mean()) / period) * period)
     return shifted
 
 
