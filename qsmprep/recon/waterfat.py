@@ -57,10 +57,11 @@ Pipeline of :func:`separate`:
    (abdomen, 1.5 T, 4 echoes) PDFF MAE 2.58 points with the graph cut (multires 5.66,
    swapped spleen/liver patches), case 15 0.57 (0.57); leg phantom no swaps with either.
 4. **Spatial unwrapping.** The graph cut chooses unwrapped fields; ``multires`` unwraps
-   ``2 pi psi / period`` by region growing (exact multiples). The connected part of most
-   signal then takes the multiple of the period with mean nearest 0 Hz, and every other
-   part (the other leg, an arm: nothing links it to the rest) the multiple that continues
-   the smooth field of that part across the gap (the B0 field is smooth through air).
+   ``2 pi psi / period`` by region growing (exact multiples). The connected parts of the
+   mask (the other leg, an arm: nothing links them) then take the multiples of the period
+   that let one quadratic, fitted through all of them at once, run through them (the B0
+   field is smooth through air; one part's own trend carried across the gap put a leg a
+   period off), and the whole the multiple with mean nearest 0 Hz.
 5. **Continuous refinement**: Levenberg-Marquardt on the variable-projection functional in
    ``(psi, R2*)`` (Kaufman's Jacobian ``-(I - P) dA/dtheta rho``), amplitudes by linear
    least squares; non-uniform echo spacing needs nothing special.
