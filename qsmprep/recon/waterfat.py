@@ -1751,6 +1751,11 @@ def check_phase_sign(
     phase_sign = 1 if phase_sign == "auto" else phase_sign
     # checked with +1 (no conjugated copy of the data); the sample takes the given sign
     data, times, mask = _check_inputs(signal, echo_times, mask, b0_tesla, 1)
+    if times.size <= 3:  # an exact fit either way: any difference would be round-off
+        return PhaseSignCheck(
+            given=int(phase_sign), preferred=None, excess=0.0, vote=0.5, identifiable=False,
+            message="phase sign check: not possible with 3 echoes (water and fat with a "
+                    "field and an R2* fit them exactly with either sign)")
     model = get_fat_model(fat_model)
     c = fat_signal(times, b0_tesla, model, water_ppm=water_ppm)
     psis, _ = psi_grid(times)
@@ -1780,15 +1785,12 @@ def check_phase_sign(
         message = (f"phase sign check: the fat signal contradicts phase sign {phase_sign:+d}: "
                    f"the data fit {100 * deficit:.0f}% better with {-phase_sign:+d} "
                    f"({100 * (1 - vote):.0f}% of {count} informative voxels agree)")
-    elif times.size <= 3:
-        message = ("phase sign check: not possible with 3 echoes (water and fat with a field "
-                   "and an R2* fit them exactly with either sign)")
     else:
         message = (f"phase sign check: inconclusive (residual of the other sign "
                    f"{100 * excess:+.0f}%, {100 * vote:.0f}% of {count} informative voxels "
                    f"for {phase_sign:+d}; little or no fat, or too few echoes)")
     return PhaseSignCheck(given=int(phase_sign), preferred=preferred, excess=float(excess),
-                          vote=vote, message=message, identifiable=times.size > 3)
+                          vote=vote, message=message)
 
 
 def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) -> int:
