@@ -146,6 +146,7 @@ def run_case(seed: int, voxel_size=(1.8, 1.8, 5.0)) -> dict:
         "period_off": float(np.mean(field_error > period / 2)),
         "field_error": float(np.median(field_error)),
         "sign_right": result.parameters["PhaseSign"] == sign, "seconds": seconds,
+        "swap_check": result.swaps.verdict,
     }
 
 
