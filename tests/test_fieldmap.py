@@ -130,6 +130,11 @@ def test_align_components_with_many_small_parts():
                                          np.ones(mask.shape, np.float32))
     assert count == 402
     assert np.abs(aligned - field)[mask].max() < 1e-3
+    # no weight anywhere: each part centred on 0 on its own, no error
+    unweighted = fieldmap._align_components(shifted, mask, period, vs,
+                                            np.zeros(mask.shape, np.float32))
+    centred = fieldmap._center_components(shifted, mask, period)
+    assert np.array_equal(unweighted, centred)
 
 
 def test_nonlinear_fit_outputs():

@@ -483,6 +483,8 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     mass[0] = 0.0
     largest = np.argsort(mass)[::-1][:ALIGNED_COMPONENTS]
     largest = largest[mass[largest] > 0]
+    if largest.size == 0:  # no signal to fit a trend to
+        return centred
     rank = np.full(n_labels + 1, -1)
     rank[largest] = np.arange(largest.size)
     inside &= rank[labels[sub]] >= 0
