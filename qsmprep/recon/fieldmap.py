@@ -437,22 +437,37 @@ def quadratic_terms(x, y, z) -> list:
     return [1.0, x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
 
 
+def _fit_samples(shape: Sequence[int]) -> tuple[slice, ...]:
+    """Every other voxel along each axis longer than 8: the voxels a polynomial trend is
+    fitted on (an eighth of the voxels is plenty)."""
+    return tuple(slice(0, None, 2 if n > 8 else 1) for n in shape)
+
+
+def _quadratic_design(coords, sub, inside: np.ndarray) -> np.ndarray:
+    """Rows of the 2nd-order polynomial's terms at the sampled voxels ``inside`` (a boolean
+    array over the ``sub`` sample of the grid with per-axis ``coords``)."""
+    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
+    return np.stack(np.broadcast_arrays(*quadratic_terms(*(g[inside] for g in grids))), 1)
+
+
+def _quadratic_on_grid(coef: np.ndarray, coords, shape: Sequence[int]) -> np.ndarray:
+    """The 2nd-order polynomial with coefficients ``coef`` on the whole grid (float32)."""
+    trend = sum(cf * t for cf, t in zip(coef, quadratic_terms(*np.ix_(*coords))))
+    return np.broadcast_to(trend, tuple(shape)).astype(np.float32)
+
+
 def _polynomial_trend(values: np.ndarray, weight: np.ndarray, voxel_size) -> np.ndarray:
     """Weighted least-squares fit of a 2nd-order polynomial in x, y, z (mm) to ``values``."""
     coords = grid_coordinates(values.shape, voxel_size)
-    # fit on every other voxel along each axis (an eighth of the voxels is plenty)
-    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in values.shape)
+    sub = _fit_samples(values.shape)
     w_sub = weight[sub]
     inside = w_sub > 0
     if np.count_nonzero(inside) < 20:
         return np.zeros(values.shape, dtype=np.float32)
-    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
-    x, y, z = (g[inside] for g in grids)
-    design = np.stack(np.broadcast_arrays(*quadratic_terms(x, y, z)), axis=1)
+    design = _quadratic_design(coords, sub, inside)
     sw = np.sqrt(w_sub[inside].astype(np.float64))
     coef, *_ = np.linalg.lstsq(design * sw[:, None], values[sub][inside] * sw, rcond=None)
-    trend = sum(cf * t for cf, t in zip(coef, quadratic_terms(*np.ix_(*coords))))
-    return np.broadcast_to(trend, values.shape).astype(np.float32)
+    return _quadratic_on_grid(coef, coords, values.shape)
 
 
 #: components whose period multiple is chosen jointly (the largest by weight); smaller ones
@@ -475,8 +490,7 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     centred = _center_components(unwrapped, mask, period, components)
     if n_labels < 2:
         return centred
-    # every other voxel along each axis (an eighth of the voxels is plenty)
-    sub = tuple(slice(0, None, 2 if n > 8 else 1) for n in mask.shape)
+    sub = _fit_samples(mask.shape)
     inside = mask[sub] & (weight[sub] > 0)
     mass = np.bincount(labels[sub][inside], weights=weight[sub][inside],
                        minlength=n_labels + 1)
@@ -490,8 +504,7 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     inside &= rank[labels[sub]] >= 0
     part = rank[labels[sub][inside]]
     coords = grid_coordinates(mask.shape, voxel_size)
-    grids = np.meshgrid(*[c[s] for c, s in zip(coords, sub)], indexing="ij")
-    design = np.stack(np.broadcast_arrays(*quadratic_terms(*(g[inside] for g in grids))), 1)
+    design = _quadratic_design(coords, sub, inside)
     sw = np.sqrt(weight[sub][inside].astype(np.float64))
     basis, singular, rows = np.linalg.svd(design * sw[:, None], full_matrices=False)
     keep = singular > 1e-9 * singular[0]
@@ -520,9 +533,7 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     per_label[largest] = period * shifts
     # the smaller components: the multiple nearest the joint trend through the larger ones
     fitted = basis.T @ (target + per_label[labels[sub][inside]] * sw)
-    coef = rows.T @ (fitted / singular)
-    trend = sum(cf * t for cf, t in zip(coef, quadratic_terms(*np.ix_(*coords))))
-    trend = np.broadcast_to(trend, mask.shape)[mask]
+    trend = _quadratic_on_grid(rows.T @ (fitted / singular), coords, mask.shape)[mask]
     flat = labels[mask]
     offset = np.bincount(flat, weights=centred[mask] - trend, minlength=n_labels + 1)
     nearest = -np.round(offset / np.maximum(np.bincount(flat, minlength=n_labels + 1), 1)
@@ -535,7 +546,7 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     return shifted
 
 
-def _unwrap_centered(
+def _unwrap_aligned(
     wrapped: np.ndarray,
     mask: np.ndarray,
     *,
@@ -590,7 +601,7 @@ def mcpc3ds_offset(
         raise ValueError(f"sigma_voxels must be >= 0, got {sigma_voxels!r}.")
     delta = times[1] - times[0]
     hip = wrap(phase[..., 1] - phase[..., 0])
-    hip_unwrapped = _unwrap_centered(
+    hip_unwrapped = _unwrap_aligned(
         hip, mask, method=unwrap_method, magnitude=magnitude[..., 0], voxel_size=voxel_size
     )
     offset = phase[..., 0] - np.float32(times[0] / delta) * hip_unwrapped
@@ -766,7 +777,7 @@ def estimate(
         # "romeo": the raw first echo supplies the phase-gradient coherence (its gradient is
         # that of p1 TE1 plus the smooth offset's).
         second = {"phase2": phase[..., 0], "te": (delta, times[0])} if n_echoes > 1 else {}
-        unwrapped = _unwrap_centered(wrapped, mask, **unwrap_kwargs, **second)
+        unwrapped = _unwrap_aligned(wrapped, mask, **unwrap_kwargs, **second)
         # Split the spatial unwrap into whole turns (the alias branch) and, for continuous
         # unwrappers (Laplacian), a smooth remainder that is carried over unchanged.
         turns = np.round((unwrapped - wrapped) / np.float32(_TWO_PI))
@@ -811,7 +822,7 @@ def estimate(
                 phase_offset="none", voxel_size=voxel_size,
             )
         else:
-            template = _unwrap_centered(corrected[..., 0], mask, **unwrap_kwargs)
+            template = _unwrap_aligned(corrected[..., 0], mask, **unwrap_kwargs)
             stacked = temporal_unwrap(
                 corrected, template, times, mask=mask, magnitude=magnitude
             )

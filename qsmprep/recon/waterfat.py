@@ -519,6 +519,15 @@ def grid_residuals(
     return cost, index, energy
 
 
+def _grid_best(voxels, times, c, psis, r2s, chunk: int = 16384):
+    """Each voxel's best point of the (field, R2*) grid: field (Hz), R2* (1/s), relative
+    residual, and the signal energy."""
+    cost, index, energy = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(best.size)
+    return psis[best], r2s[index[rows, best]], cost[rows, best], energy
+
+
 def _vertex_over_r2star(projected: np.ndarray, best: np.ndarray, r2s: np.ndarray) -> np.ndarray:
     """Maximum over R2* of ``projected`` (N, R, Q) between the grid points: the vertex of the
     parabola through the best R2* grid point and its two neighbours (non-uniform grid), at
@@ -1710,12 +1719,10 @@ def _best_fit(voxels, times, c, psis, r2s) -> tuple[np.ndarray, np.ndarray]:
     """Relative residual of each voxel's best grid minimum after VARPRO refinement, and the
     signal energy. Unrefined, the grid steps leave residuals that at high SNR outweigh the
     misfit of a mirrored fat spectrum."""
-    cost, index, energy = grid_residuals(voxels, times, c, psis, r2s)
-    best = np.argmin(cost, axis=1)
-    rows = np.arange(best.size)
-    refined = varpro_refine(voxels, times, c, psis[best], r2s[index[rows, best]],
+    psi, r2, grid_cost, energy = _grid_best(voxels, times, c, psis, r2s)
+    refined = varpro_refine(voxels, times, c, psi, r2,
                             max_shift_hz=REFINE_MAX_SHIFT_STEPS * float(psis[1] - psis[0]))[4]
-    return np.minimum(refined / np.maximum(energy, 1e-30), cost[rows, best]), energy
+    return np.minimum(refined / np.maximum(energy, 1e-30), grid_cost), energy
 
 
 def check_phase_sign(
@@ -1950,15 +1957,9 @@ def separate(
             data, mask, times, c, fat_hz=fat_hz, psis=psis, period=period, r2s=r2s,
             smoothness=smoothness, n_candidates=n_candidates, chunk=chunk)
     else:
-        voxels = data[mask]
-        cost, index, _ = grid_residuals(voxels, times, c, psis, r2s, chunk=chunk)
-        best = np.argmin(cost, axis=1)
-        field = empty.copy()
-        field[mask] = psis[best]
-        r2_grid = empty.copy()
-        r2_grid[mask] = r2s[index[np.arange(best.size), best]]
-        residual = empty.copy()
-        residual[mask] = cost[np.arange(best.size), best]
+        field, r2_grid, residual = empty.copy(), empty.copy(), empty.copy()
+        field[mask], r2_grid[mask], residual[mask], _ = _grid_best(data[mask], times, c, psis,
+                                                                   r2s, chunk=chunk)
 
     if regularization == "graphcut":
         # the cut chose unwrapped fields; fix each component's multiple of the period
