@@ -453,6 +453,24 @@ def test_three_echoes_cannot_tell_the_phase_sign(caplog):
     assert np.mean(np.abs(given.pdff - pdff)[mask]) < 3.0
 
 
+def test_an_unconfirmed_phase_sign_is_a_warning(caplog):
+    """Without fat the check is inconclusive; 'auto' then guesses +1, which a user must hear
+    about (a wrong guess swaps water and fat everywhere where fat does exist)."""
+    rng = np.random.default_rng(2)
+    mask = np.ones((24, 24, 4), bool)
+    x = np.linspace(-1, 1, 24)[:, None, None, None]
+    water = np.exp((-30.0 + 2j * np.pi * 50.0 * x) * UNIFORM_TE) + 0.02 * (
+        rng.standard_normal(mask.shape + UNIFORM_TE.shape)
+        + 1j * rng.standard_normal(mask.shape + UNIFORM_TE.shape))
+    water = water.astype(np.complex64)
+    check = wf.check_phase_sign(water, UNIFORM_TE, mask, b0_tesla=B0)
+    assert check.identifiable and check.preferred is None
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        result = _run(water, UNIFORM_TE, mask)
+    assert result.parameters["PhaseSign"] == 1
+    assert "inconclusive" in caplog.text and "--phase-sign" in caplog.text
+
+
 
 def test_leg_phantom_marrow_pdff_field_r2star():
     sim, leg = body.leg_dataset(snr=50, fov_mm=(128.0, 128.0, 48.0))

@@ -1803,12 +1803,13 @@ def check_phase_sign(
 def resolve_phase_sign(requested: int | Literal["auto"], check: PhaseSignCheck) -> int:
     """The phase sign to use given the ``requested`` one and the :func:`check_phase_sign`
     verdict: for ``"auto"`` the sign the fat signal supports, +1 where inconclusive; a given
-    sign (+1 or -1) is kept, with a warning when the fat signal contradicts it."""
+    sign (+1 or -1) is kept, with a warning when the fat signal contradicts it. An ``"auto"``
+    sign the check could not confirm (3 echoes, or inconclusive) is logged as a warning."""
     if requested == "auto":
         sign = check.preferred or 1
-        if check.identifiable:
+        if check.preferred is not None:
             LOGGER.info("%s; using %+d", check.message, sign)
-        else:
+        else:  # not confirmed: a wrong guess swaps water and fat everywhere, unannounced
             LOGGER.warning("%s; using %+d. With the other handedness water and fat come out "
                            "swapped everywhere (fat where muscle is): give the scanner's "
                            "phase sign (--phase-sign, phase_sign=).", check.message, sign)
