@@ -25,6 +25,7 @@ from qsmprep.bids import atomic_write_text, bids_uri, derivative_path
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     base_directory = traits.Directory(mandatory=True, desc="derivatives dataset root")
     bids_dir = traits.Directory(mandatory=True, desc="raw dataset root (for Sources URIs)")
+    mask_dir = traits.Directory(desc="provided masks' dataset (the 'masks' link of Sources)")
     in_file = InputMultiObject(File(exists=True), mandatory=True, desc="files to write")
     source_files = traits.List(traits.Str, desc="raw input files this output derives from")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the outputs (long names)")
@@ -58,8 +59,14 @@ class DerivativesDataSink(SimpleInterface):
             metadata.update(extra)
         metadata.update(inputs.metadata or {})
         metadata = {key: value for key, value in metadata.items() if value is not None}
-        if inputs.source_files:
-            metadata["Sources"] = [bids_uri(p, inputs.bids_dir) for p in inputs.source_files]
+        links = {"raw": inputs.bids_dir}
+        if inputs.mask_dir:
+            links["masks"] = inputs.mask_dir
+        # a step's own Sources (a provided mask) name what the output came from; else the
+        # raw echoes
+        sources = metadata.get("Sources") or inputs.source_files
+        if sources:
+            metadata["Sources"] = [bids_uri(p, links) for p in sources]
         per_file = list(inputs.file_metadata) if inputs.file_metadata else [{}] * len(echoes)
         written = []
         for in_file, echo, specific in zip(inputs.in_file, echoes, per_file):

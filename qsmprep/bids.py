@@ -461,9 +461,14 @@ def derivative_path(
     return path
 
 
-def bids_uri(path: str | os.PathLike, bids_dir: str | os.PathLike) -> str:
-    """``bids:raw:<relative path>`` URI of an input file."""
-    return f"bids:raw:{Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+def bids_uri(path: str | os.PathLike, links: dict[str, str | os.PathLike]) -> str:
+    """``bids:<name>:<relative path>`` URI of an input file under one of the ``DatasetLinks``
+    (``{"raw": bids_dir, ...}``); a file under none of them keeps its absolute path."""
+    resolved = Path(path).resolve()
+    for name, root in links.items():
+        if resolved.is_relative_to(Path(root).resolve()):
+            return f"bids:{name}:{resolved.relative_to(Path(root).resolve()).as_posix()}"
+    return str(resolved)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -494,8 +499,9 @@ BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisema
               "*_minIP.*", "*_PDFFmap.*", "*_stats.*")
 
 
-def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
-    """``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset (atomic)."""
+def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None = None) -> None:
+    """``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset (atomic);
+    ``mask_dir`` (provided masks) becomes the ``masks`` dataset link."""
     source = Path(bids_dir).resolve()
     raw_description = {}
     description_file = source / "dataset_description.json"
@@ -520,7 +526,12 @@ def write_dataset_files(output_dir: Path, bids_dir: Path) -> None:
         "DatasetLinks": {"raw": source.as_uri()},
         "License": raw_description.get("License", "n/a"),
     }
-    atomic_write_text(Path(output_dir) / "dataset_description.json", json.dumps(description, indent=2))
+    if mask_dir is not None:
+        masks = Path(mask_dir).resolve().as_uri()
+        description["SourceDatasets"].append({"URL": masks})
+        description["DatasetLinks"]["masks"] = masks
+    atomic_write_text(Path(output_dir) / "dataset_description.json",
+                      json.dumps(description, indent=2))
     readme = Path(output_dir) / "README.md"
     if not readme.exists():
         atomic_write_text(readme, README_TEXT.format(version=__version__, source=source))

@@ -90,6 +90,14 @@ def test_provided_masks_from_mask_dir(broken_copy, tmp_path):
     computed = json.loads((anat / "sub-01_ses-01_run-2_desc-brain_mask.json").read_text())
     assert provided["Description"] == "Provided mask."
     assert computed["Description"].startswith("Magnitude-based")
+    # provenance: the provided mask, through the 'masks' dataset link; the computed one
+    # comes from the raw echoes
+    assert provided["Sources"] == ["bids:masks:sub-01/ses-01/anat/"
+                                   "sub-01_ses-01_run-1_desc-brain_mask.nii.gz"]
+    assert all(source.startswith("bids:raw:sub-01/ses-01/anat/sub-01_ses-01_run-2_")
+               for source in computed["Sources"])
+    links = json.loads((out / "dataset_description.json").read_text())["DatasetLinks"]
+    assert links["masks"] == (tmp_path / "masks").resolve().as_uri()
     written = nb.load(anat / "sub-01_ses-01_run-1_desc-brain_mask.nii.gz").get_fdata() > 0
     expected = nb.load(truth / "sub-01_ses-01_desc-brain_mask.nii.gz").get_fdata() > 0
     np.testing.assert_array_equal(written, expected)

@@ -97,6 +97,7 @@ def init_single_acquisition_wf(
         b0_tesla=acquisition.b0_tesla,
         has_phase=acquisition.has_phase,
         options=config.workflow,
+        mask_dir=str(config.execution.mask_dir) if config.execution.mask_dir else None,
     )
     swi_fields = {"swi", "minip", "chi_mip", "swi_metadata"}
     r2star_fields = {"r2star", "t2star", "s0", "r2star_metadata"}

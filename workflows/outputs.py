@@ -23,13 +23,17 @@ def init_ds_qsm_wf(
     b0_tesla: float,
     has_phase: bool,
     options: WorkflowConfig,
+    mask_dir: str | None = None,
     name: str = "ds_qsm_wf",
 ) -> pe.Workflow:
-    """Sinks for every product of :func:`qsmprep.workflows.qsm.init_qsm_wf`."""
+    """Sinks for every product of :func:`qsmprep.workflows.qsm.init_qsm_wf` (``mask_dir``:
+    where a provided mask came from, for its ``Sources``)."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="inputnode")
     common = {"base_directory": output_dir, "bids_dir": bids_dir, "entities": entities,
               "source_files": source_files}
+    if mask_dir:
+        common["mask_dir"] = mask_dir
     acquisition = {"EchoTime": echo_times, "MagneticFieldStrength": round(b0_tesla, 6)}
 
     def sink(node_name: str, suffix: str, fields: list[str], **kwargs) -> pe.Node:

@@ -271,7 +271,7 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
         from qsmprep.reports import runlog
 
         runlog.open_run_log(LOGGER, output_dir / "logs" / f"qsmprep-{run_id}.log")
-        bids.write_dataset_files(output_dir, execution.bids_dir)
+        bids.write_dataset_files(output_dir, execution.bids_dir, execution.mask_dir)
         bids.atomic_write_text(output_dir / "logs" / f"config-{run_id}.toml",
                                _provenance_header(run_id) + config.to_toml())
     try:
