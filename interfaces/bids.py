@@ -19,7 +19,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from qsmprep.bids import atomic_write_text, bids_uri, derivative_path
+from qsmprep.bids import atomic_write_text, bids_uri, dataset_links, derivative_path
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -59,13 +59,11 @@ class DerivativesDataSink(SimpleInterface):
             metadata.update(extra)
         metadata.update(inputs.metadata or {})
         metadata = {key: value for key, value in metadata.items() if value is not None}
-        links = {"raw": inputs.bids_dir}
-        if inputs.mask_dir:
-            links["masks"] = inputs.mask_dir
         # a step's own Sources (a provided mask) name what the output came from; else the
         # raw echoes
         sources = metadata.get("Sources") or inputs.source_files
         if sources:
+            links = dataset_links(inputs.bids_dir, inputs.mask_dir or None)
             metadata["Sources"] = [bids_uri(p, links) for p in sources]
         per_file = list(inputs.file_metadata) if inputs.file_metadata else [{}] * len(echoes)
         written = []

@@ -461,13 +461,24 @@ def derivative_path(
     return path
 
 
-def bids_uri(path: str | os.PathLike, links: dict[str, str | os.PathLike]) -> str:
-    """``bids:<name>:<relative path>`` URI of an input file under one of the ``DatasetLinks``
-    (``{"raw": bids_dir, ...}``); a file under none of them keeps its absolute path."""
+def dataset_links(
+    bids_dir: str | os.PathLike, mask_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """The derivatives' ``DatasetLinks``: ``raw`` the input dataset, ``masks`` the provided
+    masks' folder (``--mask-dir``) where there is one."""
+    links = {"raw": Path(bids_dir).resolve()}
+    if mask_dir:
+        links["masks"] = Path(mask_dir).resolve()
+    return links
+
+
+def bids_uri(path: str | os.PathLike, links: dict[str, Path]) -> str:
+    """``bids:<name>:<relative path>`` URI of an input file under one of the resolved
+    :func:`dataset_links`; a file under none of them keeps its absolute path."""
     resolved = Path(path).resolve()
     for name, root in links.items():
-        if resolved.is_relative_to(Path(root).resolve()):
-            return f"bids:{name}:{resolved.relative_to(Path(root).resolve()).as_posix()}"
+        if resolved.is_relative_to(root):
+            return f"bids:{name}:{resolved.relative_to(root).as_posix()}"
     return str(resolved)
 
 
@@ -502,7 +513,8 @@ BIDSIGNORE = ("figures", "logs", "group", "*.html", "*_localfield.*", "*_noisema
 def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None = None) -> None:
     """``dataset_description.json`` and ``.bidsignore`` of the derivatives dataset (atomic);
     ``mask_dir`` (provided masks) becomes the ``masks`` dataset link."""
-    source = Path(bids_dir).resolve()
+    links = dataset_links(bids_dir, mask_dir)
+    source = links["raw"]
     raw_description = {}
     description_file = source / "dataset_description.json"
     if description_file.exists():
@@ -522,14 +534,10 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None 
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
-        "SourceDatasets": [{"URL": source.as_uri()}],
-        "DatasetLinks": {"raw": source.as_uri()},
+        "SourceDatasets": [{"URL": root.as_uri()} for root in links.values()],
+        "DatasetLinks": {name: root.as_uri() for name, root in links.items()},
         "License": raw_description.get("License", "n/a"),
     }
-    if mask_dir is not None:
-        masks = Path(mask_dir).resolve().as_uri()
-        description["SourceDatasets"].append({"URL": masks})
-        description["DatasetLinks"]["masks"] = masks
     atomic_write_text(Path(output_dir) / "dataset_description.json",
                       json.dumps(description, indent=2))
     readme = Path(output_dir) / "README.md"

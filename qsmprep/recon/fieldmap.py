@@ -491,9 +491,9 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     if n_labels < 2:
         return centred
     sub = _fit_samples(mask.shape)
-    inside = mask[sub] & (weight[sub] > 0)
-    mass = np.bincount(labels[sub][inside], weights=weight[sub][inside],
-                       minlength=n_labels + 1)
+    sub_labels, sub_weight = labels[sub], weight[sub]
+    inside = mask[sub] & (sub_weight > 0)
+    mass = np.bincount(sub_labels[inside], weights=sub_weight[inside], minlength=n_labels + 1)
     mass[0] = 0.0
     largest = np.argsort(mass)[::-1][:ALIGNED_COMPONENTS]
     largest = largest[mass[largest] > 0]
@@ -501,11 +501,11 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
         return centred
     rank = np.full(n_labels + 1, -1)
     rank[largest] = np.arange(largest.size)
-    inside &= rank[labels[sub]] >= 0
-    part = rank[labels[sub][inside]]
+    inside &= rank[sub_labels] >= 0
+    part = rank[sub_labels[inside]]
     coords = grid_coordinates(mask.shape, voxel_size)
     design = _quadratic_design(coords, sub, inside)
-    sw = np.sqrt(weight[sub][inside].astype(np.float64))
+    sw = np.sqrt(sub_weight[inside].astype(np.float64))
     basis, singular, rows = np.linalg.svd(design * sw[:, None], full_matrices=False)
     keep = singular > 1e-9 * singular[0]
     basis, singular, rows = basis[:, keep], singular[keep], rows[keep]
@@ -532,7 +532,7 @@ def _align_components(unwrapped: np.ndarray, mask: np.ndarray, period: float,
     per_label = np.zeros(n_labels + 1)
     per_label[largest] = period * shifts
     # the smaller components: the multiple nearest the joint trend through the larger ones
-    fitted = basis.T @ (target + per_label[labels[sub][inside]] * sw)
+    fitted = basis.T @ (target + per_label[largest[part]] * sw)
     trend = _quadratic_on_grid(rows.T @ (fitted / singular), coords, mask.shape)[mask]
     flat = labels[mask]
     offset = np.bincount(flat, weights=centred[mask] - trend, minlength=n_labels + 1)
