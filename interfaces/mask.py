@@ -47,8 +47,9 @@ class BrainMask(SimpleInterface):
             if self.inputs.mask_type == "body":
                 mask = mask_core.body_mask(magnitude, voxel_size=voxel_size, threshold=threshold)
                 metadata = {"Type": "ROI",
-                            "Description": "Magnitude-based body mask: robust threshold of the "
-                            "echo-combined magnitude, small parts removed, holes filled."}
+                            "Description": "Magnitude-based body mask: Otsu threshold of the "
+                            "log echo-combined magnitude, small parts removed, holes "
+                            "filled."}
             else:
                 mask = mask_core.brain_mask(magnitude, voxel_size=voxel_size,
                                             threshold=threshold)

@@ -572,21 +572,22 @@ def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
                 volumes.setdefault(path, []).append(echo.volume)
     before = len(acquisition.problems)
     reference = None
+    files_with = {}  # problem -> the files that have it, so that 32 echo files give one line
     for path, indices in volumes.items():
         try:
             image = nb.load(path)
             shape = tuple(int(n) for n in image.shape)
             affine = np.asarray(image.affine, dtype=float)
         except Exception as error:  # nibabel raises several types for bad files
-            acquisition.problems.append(
-                f"{path}: cannot be read as NIfTI ({error}); the file is corrupt or not a "
-                "NIfTI image: re-export it from DICOM (e.g. dcm2niix).")
+            files_with.setdefault(
+                f"cannot be read as NIfTI ({error}); the file is corrupt or not a NIfTI "
+                "image: re-export it from DICOM (e.g. dcm2niix).", []).append(path)
             continue
         problem = _shape_problem(shape, indices) or _geometry_problem(affine)
         if problem is None:
             problem = _truncation_problem(path, image)
         if problem is not None:
-            acquisition.problems.append(f"{path}: {problem}")
+            files_with.setdefault(problem, []).append(path)
             continue
         if reference is None:
             reference = (path, shape, affine)
@@ -603,6 +604,9 @@ def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
                 f"{path}: affine (voxel-to-scanner matrix) differs from that of {ref_path} "
                 f"(by up to {shift:.3g}); all echoes and parts of an acquisition must share "
                 "one grid: re-export them from the same series.")
+    for problem, paths in files_with.items():
+        others = f" (and {len(paths) - 1} more of its images)" if len(paths) > 1 else ""
+        acquisition.problems.append(f"{paths[0]}{others}: {problem}")
     if len(acquisition.problems) > before or reference is None:
         return None
     return reference[1]

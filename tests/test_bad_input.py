@@ -393,3 +393,11 @@ def test_broken_sidecar_exits_16(small, tmp_path, caplog, content, problem):
     sidecar.write_text(content)
     assert _run(small, tmp_path / "out") == 16  # not valid BIDS (found without the validator)
     assert f"{sidecar} {problem}" in caplog.text and "must be JSON objects" in caplog.text
+
+
+def test_a_problem_shared_by_every_image_is_one_line(catalogue):
+    """Six single-slice echo files give one error line naming the first, not six lines."""
+    lines = [line for line in catalogue["log"].splitlines()
+             if "sub-flat_" in line and "is not a 3D volume" in line]
+    assert len(lines) == 1, "\n".join(lines)
+    assert "sub-flat_echo-1_part-mag_MEGRE.nii.gz (and 5 more of its images)" in lines[0]

@@ -163,6 +163,25 @@ def robust_threshold(image: np.ndarray) -> float:
     return otsu_threshold(np.minimum(values, top))
 
 
+def log_threshold(image: np.ndarray, floor: float = 1e-3) -> float:
+    """Automatic tissue threshold of a (smoothed) body magnitude image: Otsu's threshold of
+    the log intensity.
+
+    Body tissue spans a wide range of signal: fat is bright; muscle, organs, iron-laden
+    tissue, low-proton-density phantom vials and regions far from a surface coil are dark.
+    On a linear scale Otsu splits that range into bright and dark tissue and drops the dark
+    tissue; on a log scale (multiplicative shading is a shift) the two classes are the noise
+    background and the tissue. Values are clipped to ``[floor, 1] x`` their 99.5th
+    percentile, so zero-filled backgrounds form one bin.
+    """
+    values = np.asarray(image, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    top = np.percentile(values, 99.5)
+    if top <= 0:
+        raise ValueError("magnitude has no signal; cannot threshold it.")
+    return float(np.exp(otsu_threshold(np.log(np.clip(values, floor * top, top)))))
+
+
 def _main_component(labels: np.ndarray, n_labels: int, foreground: np.ndarray) -> int:
     """Label of the component dominating the central half of the foreground's bounding box."""
     sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
@@ -344,7 +363,7 @@ def body_mask(
 ) -> np.ndarray:
     """Signal mask of limbs and trunks (boolean ``[x, y, z]``), several disconnected parts.
 
-    Threshold of the smoothed, echo-combined magnitude (automatic :func:`robust_threshold`,
+    Threshold of the smoothed, echo-combined magnitude (automatic :func:`log_threshold`,
     or ``threshold`` as a fraction of the 99.5th percentile), connected parts smaller than
     ``min_part_ml`` (mL) removed (noise specks), enclosed holes filled (3D, then slice-wise
     along each axis: marrow inside a dark cortical shell, vessels) when ``fill_holes``, and a
@@ -359,7 +378,7 @@ def body_mask(
     if not np.any(image > image.min()):
         raise ValueError("magnitude is constant; cannot build a body mask.")
     if threshold is None:
-        level = robust_threshold(image)
+        level = log_threshold(image)
     else:
         if not 0.0 < float(threshold) < 1.0:
             raise ValueError(

@@ -346,8 +346,9 @@ def describe_qsm(
         sentences.append("A provided mask was used" + (" as the body mask." if body else
                                                         " as the brain mask."))
     elif body:
-        sentences.append("A body mask was computed by thresholding the echo-combined "
-                         "magnitude, filling holes and keeping every sizeable connected part.")
+        sentences.append("A body mask was computed by Otsu's threshold of the logarithm of "
+                         "the echo-combined magnitude, filling holes and keeping every "
+                         "sizeable connected part.")
     else:
         sentences.append("A brain mask was computed by a robust threshold of the "
                          "echo-combined magnitude followed by morphological cleaning"
