@@ -364,6 +364,23 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
             "neither 'ImagingFrequency' nor 'MagneticFieldStrength' is in the sidecars; add "
             "one, or pass --b0-tesla."
         )
+    else:
+        from qsmprep.recon.dipole import B0_RANGE_TESLA, check_b0_tesla
+
+        try:
+            check_b0_tesla(b0)
+        except ValueError as error:
+            if b0_override is not None:
+                problems.append(f"--b0-tesla: {error}")
+            elif b0_source == "ImagingFrequency":
+                problems.append(
+                    f"{first}: 'ImagingFrequency' {meta['ImagingFrequency']:g} in its sidecar "
+                    f"gives B0 = {b0:.3g} T, outside {B0_RANGE_TESLA[0]:g}-"
+                    f"{B0_RANGE_TESLA[1]:g} T; ImagingFrequency is in MHz: fix the sidecars, "
+                    "or pass --b0-tesla.")
+            else:
+                problems.append(f"{first}: 'MagneticFieldStrength' in its sidecar: {error} "
+                                "Fix the sidecars, or pass --b0-tesla.")
     return Acquisition(
         entities=entities,
         suffix=suffix,

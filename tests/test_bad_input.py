@@ -150,6 +150,14 @@ def _absurd_voxel_size(root, label):
             _rewrite(_file(root, label, echo, part), affine=huge)
 
 
+def _field_strength_in_mhz(root, label):
+    _sidecars(root, label, MagneticFieldStrength=127.7)
+
+
+def _imaging_frequency_in_hz(root, label):
+    _sidecars(root, label, ImagingFrequency=127.7e6)
+
+
 #: participant label -> (defect, outcome, (file fragment, problem fragment, fix fragment)).
 #: "fail": the acquisition is refused (exit 1 for the run); "warn": processed, with a warning.
 CASES = {
@@ -174,6 +182,12 @@ CASES = {
     "grids": (_echo_grids_differ, "fail",
               ("sub-grids_echo-3_part-mag_MEGRE.nii.gz", "voxel grid (20, 24, 24) differs",
                "must share one grid")),
+    "mhzfield": (_field_strength_in_mhz, "fail",
+                 ("sub-mhzfield_echo-1_part-mag_MEGRE.nii.gz",
+                  "127.7 MHz is the proton frequency at 3 T", "Fix the sidecars")),
+    "hzfreq": (_imaging_frequency_in_hz, "fail",
+               ("sub-hzfreq_echo-1_part-mag_MEGRE.nii.gz", "'ImagingFrequency' 1.277e+08",
+                "ImagingFrequency is in MHz")),
     "dupte": (_duplicate_echo_time, "fail",
               ("sub-dupte_echo-3_part-mag_MEGRE.nii.gz", "duplicate EchoTime [0.01]",
                "fix the sidecars")),

@@ -42,6 +42,10 @@ def test_usage_errors_exit_64(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_args([str(tmp_path / "missing"), str(tmp_path / "out"), "participant"])
     assert stop.value.code == 64
+    with pytest.raises(SystemExit) as stop:  # the scanner frequency given for the field
+        parse_args([str(dataset), str(tmp_path / "out"), "participant", "--b0-tesla", "127.7"])
+    assert stop.value.code == 64
+    assert "127.7 MHz is the proton frequency at 3 T" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # soft-tissue reference needs the fat fraction
         parse_args([str(dataset), str(tmp_path / "out"), "participant", "--reference", "water"])
     assert stop.value.code == 64

@@ -155,3 +155,15 @@ def test_padded_shape_is_fast_and_large_enough():
         for n, mm, o in zip(shape, m, out):
             assert o >= n + mm
             assert o == scipy.fft.next_fast_len(o, real=True)
+
+
+def test_a_frequency_given_for_the_field_is_refused():
+    """B0 outside 0.01-25 T is an error that recognises a frequency in MHz or Hz (it would
+    scale every ppm value by 42.6 or 4.3e7 without a word)."""
+    assert dipole.hz_to_ppm(127.74, 3.0) == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ValueError, match="127.7 MHz is the proton frequency at 3 T"):
+        dipole.hz_to_ppm(10.0, 127.7)
+    with pytest.raises(ValueError, match="Hz is the proton frequency at 1.5 T"):
+        dipole.ppm_to_hz(1.0, 63.87e6)
+    with pytest.raises(ValueError, match="outside 0.01-25 T: give B0 in tesla"):
+        dipole.hz_to_ppm(10.0, 0.0)

@@ -724,3 +724,10 @@ def test_rc2_head_with_fat_is_close_to_the_oracle():
     labels, count = ndimage.label(wrong)
     assert count == 0 or np.bincount(labels[wrong]).max() <= 40
     assert np.mean(error > 30) < 0.005
+
+
+def test_a_frequency_given_for_the_field_is_refused():
+    te = np.asarray(UNIFORM_TE)
+    signal = np.ones((4, 4, 2, te.size), np.complex64)
+    with pytest.raises(ValueError, match="127.7 MHz is the proton frequency at 3 T"):
+        wf.separate(signal, te, None, b0_tesla=127.7, voxel_size=(1, 1, 1))

@@ -40,14 +40,35 @@ def obliquity_deg(b0_direction: Sequence[float]) -> float:
     return float(np.degrees(np.arccos(np.clip(b.max() / np.linalg.norm(b), -1.0, 1.0))))
 
 
+#: Main fields accepted (T): low-field MRI up to the strongest preclinical magnets.
+B0_RANGE_TESLA = (0.01, 25.0)
+
+
+def check_b0_tesla(b0_tesla: float) -> float:
+    """``b0_tesla`` as a float; a ValueError outside ``B0_RANGE_TESLA`` that recognises a
+    proton frequency in MHz or Hz given in place of the field (a silent factor of 42.6 or
+    4.3e7 on every ppm value otherwise)."""
+    value = float(b0_tesla)
+    low, high = B0_RANGE_TESLA
+    if low <= value <= high:
+        return value
+    hint = ""
+    for unit, per_mhz in (("MHz", 1.0), ("Hz", 1e6)):
+        tesla = value / (GAMMA_BAR_MHZ_PER_T * per_mhz)
+        if low <= tesla <= high:
+            hint = f"; {value:g} {unit} is the proton frequency at {tesla:.3g} T"
+    raise ValueError(f"main field B0 = {value:g} T is outside {low:g}-{high:g} T{hint}: give "
+                     "B0 in tesla.")
+
+
 def hz_to_ppm(field_hz: np.ndarray | float, b0_tesla: float) -> np.ndarray | float:
     """Convert a field offset in Hz to ppm of the main field ``b0_tesla`` (T)."""
-    return field_hz / (GAMMA_BAR_MHZ_PER_T * b0_tesla)
+    return field_hz / (GAMMA_BAR_MHZ_PER_T * check_b0_tesla(b0_tesla))
 
 
 def ppm_to_hz(field_ppm: np.ndarray | float, b0_tesla: float) -> np.ndarray | float:
     """Convert a field offset in ppm of ``b0_tesla`` (T) to Hz."""
-    return field_ppm * (GAMMA_BAR_MHZ_PER_T * b0_tesla)
+    return field_ppm * (GAMMA_BAR_MHZ_PER_T * check_b0_tesla(b0_tesla))
 
 
 def padded_shape(shape: Sequence[int], margin: Sequence[int] | int = 0) -> tuple[int, ...]:

@@ -92,7 +92,7 @@ from scipy import ndimage
 from . import fieldmap
 from . import mask as mask_module
 from . import unwrap as unwrap_module
-from .dipole import GAMMA_BAR_MHZ_PER_T
+from .dipole import GAMMA_BAR_MHZ_PER_T, check_b0_tesla
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -237,8 +237,7 @@ def fat_frequencies_hz(
     ``water_ppm``: the water shift of the scan (None: the model's own reference).
     """
     model = get_fat_model(model)
-    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
-        raise ValueError(f"b0_tesla must be positive (T), got {b0_tesla!r}.")
+    check_b0_tesla(b0_tesla)
     shift = np.asarray(model.ppm, dtype=float)
     if water_ppm is not None:
         if not 3.0 < float(water_ppm) < 6.0:
@@ -403,8 +402,7 @@ def _check_inputs(signal, echo_times, mask, b0_tesla, phase_sign):
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} differs from the data {data.shape[:3]}.")
-    if not (np.isfinite(b0_tesla) and b0_tesla > 0):
-        raise ValueError(f"b0_tesla must be positive (T), got {b0_tesla!r}.")
+    check_b0_tesla(b0_tesla)
     if phase_sign not in (1, -1):
         raise ValueError(f"phase_sign must be +1 or -1, got {phase_sign!r}.")
     data = np.ascontiguousarray(data, dtype=np.complex64)  # views of a slice: one layout
