@@ -566,8 +566,6 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None 
     atomic_write_text(ignore_file, "\n".join(lines) + "\n")
 
 
-#: Plausible voxel sizes (mm): microscopy-grade ex vivo QSM to very coarse clinical slabs.
-VOXEL_SIZE_RANGE_MM = (0.01, 20.0)
 
 
 def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
@@ -656,6 +654,8 @@ def _shape_problem(shape: tuple[int, ...], volumes: list[int | None]) -> str | N
 def _geometry_problem(affine) -> str | None:
     """Implausible voxel sizes or a singular/non-finite affine."""
     import numpy as np
+
+    from qsmprep.recon.dipole import VOXEL_SIZE_RANGE_MM
 
     low, high = VOXEL_SIZE_RANGE_MM
     if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:

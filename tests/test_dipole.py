@@ -167,3 +167,33 @@ def test_a_frequency_given_for_the_field_is_refused():
         dipole.ppm_to_hz(1.0, 63.87e6)
     with pytest.raises(ValueError, match="outside 0.01-25 T: give B0 in tesla"):
         dipole.hz_to_ppm(10.0, 0.0)
+
+
+def test_a_voxel_size_in_metres_is_refused_by_every_step():
+    """Voxel sizes outside 0.01-20 mm (metres or micrometres) are a ValueError in every step,
+    not a silently rescaled radius or kernel."""
+    from qsmprep.recon import background, fieldmap, inversion, mask, unwrap
+
+    shape = (16, 16, 12)
+    inside = np.zeros(shape, bool)
+    inside[4:12, 4:12, 3:9] = True
+    field = np.zeros(shape, np.float32)
+    phase = np.zeros(shape + (3,), np.float32)
+    metres = (0.001, 0.001, 0.001)
+    steps = [
+        lambda: dipole.check_voxel_size(metres),
+        lambda: mask.body_mask(np.ones(shape), voxel_size=metres),
+        lambda: unwrap.unwrap(phase[..., 0], inside, method="laplacian", voxel_size=metres),
+        lambda: fieldmap.estimate(np.ones(shape + (3,)), phase, [0.004, 0.008, 0.012], inside,
+                                  voxel_size=metres),
+        lambda: background.remove(field, inside, voxel_size=metres, b0_direction=(0, 0, 1),
+                                  method="ismv"),
+        lambda: inversion.invert(field, inside, voxel_size=metres, b0_direction=(0, 0, 1),
+                                 method="tkd"),
+        lambda: inversion.invert(field, inside, voxel_size=(1, 1, 1000), b0_direction=(0, 0, 1),
+                                 method="tkd"),
+    ]
+    for step in steps:
+        with pytest.raises(ValueError, match="outside 0.01-20 mm: give it in mm"):
+            step()
+    assert dipole.check_voxel_size([0.5, 0.5, 2]).tolist() == [0.5, 0.5, 2.0]

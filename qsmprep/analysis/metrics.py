@@ -15,6 +15,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import scipy.signal
 
+from qsmprep.recon.dipole import check_voxel_size
+
 __all__ = [
     "calcification_moment",
     "calcification_moment_error",
@@ -168,11 +170,6 @@ def roi_slope(
 # --------------------------------------------------------------------------------------
 # calcification metrics (QSM challenge 2.0, ``compute_calcification_metrics.m``)
 # --------------------------------------------------------------------------------------
-def _voxel_size(voxel_size: Sequence[float]) -> np.ndarray:
-    vox = np.asarray(voxel_size, dtype=float).ravel()
-    if vox.size != 3 or not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}")
-    return vox
 
 
 def _calc_inputs(chi, ref, calc_mask, mask):
@@ -220,7 +217,7 @@ def calcification_regions(
     calc = np.asarray(calc_mask, dtype=bool)
     if calc.ndim != 3 or not calc.any():
         raise ValueError("calc_mask must be a non-empty 3D mask")
-    vox = _voxel_size(voxel_size)
+    vox = check_voxel_size(voxel_size)
     if min(cube_mm, rim_mm, guard_mm) < 0:
         raise ValueError("cube_mm, rim_mm and guard_mm must be >= 0")
 
@@ -281,7 +278,7 @@ def calcification_moment(
     region = np.asarray(region, dtype=bool)
     if region.shape != chi.shape:
         raise ValueError(f"region {region.shape} and chi {chi.shape} differ in shape")
-    return float(chi[region].sum() * np.prod(_voxel_size(voxel_size)))
+    return float(chi[region].sum() * np.prod(check_voxel_size(voxel_size)))
 
 
 def calcification_moment_error(

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from qsmprep.recon._jit import lazy_kernels
-from qsmprep.recon.dipole import dipole_kernel, kspace_grid, padded_shape
+from qsmprep.recon.dipole import check_voxel_size, dipole_kernel, kspace_grid, padded_shape
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -67,9 +67,7 @@ def _check_inputs(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[floa
         raise ValueError(f"field must be a 3D array [x, y, z], got shape {field.shape}")
     if mask.shape != field.shape:
         raise ValueError(f"mask shape {mask.shape} differs from field shape {field.shape}")
-    vox = np.asarray(voxel_size, dtype=float).ravel()
-    if vox.size != 3 or not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}")
+    vox = check_voxel_size(voxel_size)
     mask = mask.astype(bool)
     if not mask.any():
         raise ValueError("mask is empty")

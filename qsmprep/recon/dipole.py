@@ -40,6 +40,23 @@ def obliquity_deg(b0_direction: Sequence[float]) -> float:
     return float(np.degrees(np.arccos(np.clip(b.max() / np.linalg.norm(b), -1.0, 1.0))))
 
 
+#: Voxel sizes accepted (mm): microscopy-grade ex vivo QSM to very coarse clinical slabs.
+VOXEL_SIZE_RANGE_MM = (0.01, 20.0)
+
+
+def check_voxel_size(voxel_size: Sequence[float]) -> np.ndarray:
+    """``voxel_size`` as three floats (mm); a ValueError unless each lies in
+    ``VOXEL_SIZE_RANGE_MM`` (a size in m or in um would scale every radius and kernel)."""
+    sizes = np.asarray(voxel_size, dtype=float).ravel()
+    low, high = VOXEL_SIZE_RANGE_MM
+    if sizes.size != 3 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}.")
+    if np.any(sizes < low) or np.any(sizes > high):
+        raise ValueError(f"voxel_size {sizes.tolist()} is outside {low:g}-{high:g} mm: give "
+                         "it in mm (not m or um).")
+    return sizes
+
+
 #: Main fields accepted (T): low-field MRI up to the strongest preclinical magnets.
 B0_RANGE_TESLA = (0.01, 25.0)
 

@@ -51,6 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import unwrap as unwrap_module
+from .dipole import check_voxel_size
 from .phase import finite_mask, wrap
 from .unwrap import temporal_unwrap  # public re-export
 
@@ -159,10 +160,7 @@ def _check_data(
 
 
 def _check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
-    sizes = np.asarray(voxel_size, dtype=float).ravel()
-    if sizes.size != 3 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}.")
-    return tuple(float(v) for v in sizes)
+    return tuple(float(v) for v in check_voxel_size(voxel_size))
 
 
 # ---------------------------------------------------------------------------------------

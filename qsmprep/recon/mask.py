@@ -28,16 +28,13 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from .dipole import check_voxel_size
+
 LOGGER = logging.getLogger("qsmprep")
 
 EchoCombination = Literal["rss", "first"]
 
 
-def _voxel_size(voxel_size: Sequence[float]) -> np.ndarray:
-    sizes = np.asarray(voxel_size, dtype=float).ravel()
-    if sizes.size != 3 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}.")
-    return sizes
 
 
 def _check_mask(mask: np.ndarray) -> np.ndarray:
@@ -56,7 +53,7 @@ def distance_mm(
     (separable, 8x faster than scipy's feature transform at 256x256x176) with as many
     threads as ``scipy.fft.get_workers()`` grants the caller."""
     data = np.ascontiguousarray(mask, dtype=bool)
-    return edt.edt(data, anisotropy=tuple(float(v) for v in _voxel_size(voxel_size)),
+    return edt.edt(data, anisotropy=tuple(float(v) for v in check_voxel_size(voxel_size)),
                    black_border=border_is_outside, parallel=max(scipy.fft.get_workers(), 1))
 
 
@@ -66,7 +63,7 @@ def erode(mask: np.ndarray, radius_mm: float, *, voxel_size: Sequence[float]) ->
     Voxels outside the array count as outside the mask.
     """
     mask = _check_mask(mask)
-    sizes = _voxel_size(voxel_size)
+    sizes = check_voxel_size(voxel_size)
     if radius_mm < 0:
         raise ValueError(f"erosion radius must be >= 0 mm, got {radius_mm}.")
     if radius_mm == 0 or not mask.any():
@@ -77,7 +74,7 @@ def erode(mask: np.ndarray, radius_mm: float, *, voxel_size: Sequence[float]) ->
 def dilate(mask: np.ndarray, radius_mm: float, *, voxel_size: Sequence[float]) -> np.ndarray:
     """Dilate a 3D boolean mask by a ball of ``radius_mm`` (mm), exact Euclidean in mm."""
     mask = _check_mask(mask)
-    sizes = _voxel_size(voxel_size)
+    sizes = check_voxel_size(voxel_size)
     if radius_mm < 0:
         raise ValueError(f"dilation radius must be >= 0 mm, got {radius_mm}.")
     if radius_mm == 0 or not mask.any():
@@ -259,7 +256,7 @@ def brain_mask(
     Images without scalp (skull-stripped, cropped) keep the smallest radius: their boundary
     touches the head surface at every radius, so no larger one is preferred.
     """
-    sizes = _voxel_size(voxel_size)
+    sizes = check_voxel_size(voxel_size)
     image = combine_echoes(magnitude, combine)
     if min(smooth_mm, open_mm, max_open_mm, close_mm, erode_mm, scalp_mm) < 0:
         raise ValueError("smooth_mm, open_mm, max_open_mm, scalp_mm, close_mm and erode_mm "
@@ -369,7 +366,7 @@ def body_mask(
     along each axis: marrow inside a dark cortical shell, vessels) when ``fill_holes``, and a
     final erosion of ``erode_mm`` (mm). Unlike :func:`brain_mask` nothing is cut: no scalp.
     """
-    sizes = _voxel_size(voxel_size)
+    sizes = check_voxel_size(voxel_size)
     if min(smooth_mm, erode_mm, min_part_ml) < 0:
         raise ValueError("smooth_mm, erode_mm and min_part_ml must be >= 0.")
     image = combine_echoes(magnitude, combine)

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
+from .dipole import check_voxel_size
+
 LOGGER = logging.getLogger("qsmprep")
 
 __all__ = ["METHODS", "csf_mask", "reference"]
@@ -111,9 +113,7 @@ def csf_mask(
         raise ValueError(f"r2star must be a 3D array [x, y, z], got shape {r2.shape}")
     if mask.shape != r2.shape:
         raise ValueError(f"mask shape {mask.shape} differs from r2star shape {r2.shape}")
-    vox = np.asarray(voxel_size, dtype=float).ravel()
-    if vox.size != 3 or not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}")
+    vox = check_voxel_size(voxel_size)
     if not (np.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a positive R2* (1/s), got {threshold!r}")
     if not 0 < central_fraction <= 1 or not 0 < keep_fraction <= 1:

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from .dipole import kspace_grid, padded_shape
+from .dipole import check_voxel_size, kspace_grid, padded_shape
 from .unwrap import temporal_unwrap
 
 LOGGER = logging.getLogger("qsmprep")
@@ -50,11 +50,6 @@ DEFAULT_FILTER_SIZE_MM = 12.0
 # ---------------------------------------------------------------------------------------
 
 
-def _voxel_size(voxel_size: Sequence[float]) -> np.ndarray:
-    sizes = np.asarray(voxel_size, dtype=float).ravel()
-    if sizes.size != 3 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}.")
-    return sizes
 
 
 def _filter_sizes(filter_size_mm: float | Sequence[float]) -> np.ndarray:
@@ -91,7 +86,7 @@ def hanning_window(
     """
     sizes = _filter_sizes(filter_size_mm)
     window = np.ones((1, 1, 1), dtype=np.float32)
-    for axis, k in enumerate(kspace_grid(shape, _voxel_size(voxel_size), half=False)):
+    for axis, k in enumerate(kspace_grid(shape, check_voxel_size(voxel_size), half=False)):
         if sizes[axis] == 0:
             continue
         scaled = np.abs(k) * sizes[axis]  # |k| / k_c
@@ -136,7 +131,7 @@ def highpass_phase(
     ph = _as_4d(phase, "phase")
     if mag.shape != ph.shape:
         raise ValueError(f"magnitude {mag.shape} and phase {ph.shape} differ in shape.")
-    sizes_vox = _voxel_size(voxel_size)
+    sizes_vox = check_voxel_size(voxel_size)
     sizes = _filter_sizes(filter_size_mm)
     shape = ph.shape[:3]
     if mask is None:
@@ -288,7 +283,7 @@ def swi(
     if mag.shape != ph.shape:
         raise ValueError(f"magnitude {mag.shape} and phase {ph.shape} differ in shape.")
     times = _echo_times(echo_times, ph.shape[3])
-    sizes_vox = _voxel_size(voxel_size)
+    sizes_vox = check_voxel_size(voxel_size)
     sizes = _filter_sizes(filter_size_mm)
     if isinstance(power, bool) or not isinstance(power, (int, np.integer)) or power < 0:
         raise ValueError(f"power must be a non-negative integer, got {power!r}.")
@@ -343,7 +338,7 @@ def _slab_voxels(image: np.ndarray, slab_mm: float, voxel_size: Sequence[float],
         raise ValueError(f"image must be 3D [x, y, z], got shape {image.shape}.")
     if axis not in (0, 1, 2, -1, -2, -3):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}.")
-    sizes = _voxel_size(voxel_size)
+    sizes = check_voxel_size(voxel_size)
     if not (np.isfinite(slab_mm) and slab_mm > 0):
         raise ValueError(f"slab_mm must be a positive thickness (mm), got {slab_mm!r}.")
     return max(1, round(float(slab_mm) / float(sizes[axis])))

@@ -57,6 +57,8 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from .dipole import check_voxel_size
+
 LOGGER = logging.getLogger("qsmprep")
 
 _TWO_PI = 2.0 * np.pi
@@ -90,10 +92,7 @@ def _check_inputs(
 def _check_voxel_size(voxel_size: Sequence[float] | None) -> np.ndarray:
     if voxel_size is None:
         return np.ones(3)
-    sizes = np.asarray(voxel_size, dtype=float).ravel()
-    if sizes.size != 3 or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}.")
-    return sizes
+    return check_voxel_size(voxel_size)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmprep.recon.background import mask_bounding_box
-from qsmprep.recon.dipole import kspace_grid, padded_shape
+from qsmprep.recon.dipole import check_voxel_size, kspace_grid, padded_shape
 
 # --------------------------------------------------------------------------------------
 #: zero-padding margin (fraction of the mask box) on axes where the mask touches the volume
@@ -60,9 +60,7 @@ def _check(local_ppm, mask, voxel_size, b0_direction):
     mask = mask.astype(bool)
     if not mask.any():
         raise ValueError("mask is empty")
-    vox = np.asarray(voxel_size, dtype=float).ravel()
-    if vox.size != 3 or not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}")
+    vox = check_voxel_size(voxel_size)
     b0 = np.asarray(b0_direction, dtype=float).ravel()
     if b0.size != 3 or not np.all(np.isfinite(b0)) or np.linalg.norm(b0) == 0:
         raise ValueError(f"b0_direction must be a non-zero 3-vector, got {b0_direction!r}")

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.fft
 
 from qsmprep.recon._jit import lazy_kernels
-from qsmprep.recon.dipole import dipole_kernel
+from qsmprep.recon.dipole import check_voxel_size, dipole_kernel
 
 from ._common import _cg, _check, _gradient_symbol, _Grid, data_weights
 from .nonlinear import DEFAULT_PHASE_SCALE, _check_phase_scale
@@ -263,9 +263,7 @@ def edge_mask(
     if not mask.any():
         raise ValueError("mask is empty")
     mag = _magnitude_3d(magnitude, mask.shape, "rss")
-    vox = np.asarray(voxel_size, dtype=float).ravel()
-    if vox.size != 3 or np.any(vox <= 0):
-        raise ValueError(f"voxel_size must be three positive numbers (mm), got {voxel_size!r}")
+    vox = check_voxel_size(voxel_size)
     mag = np.where(mask, mag, 0).astype(np.float32)
     g2 = np.zeros(mag.shape, dtype=np.float32)
     for axis, d in enumerate(vox):
