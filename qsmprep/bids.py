@@ -364,15 +364,13 @@ def _make_acquisition(layout, suffix, entities, members, b0_override) -> Acquisi
             "neither 'ImagingFrequency' nor 'MagneticFieldStrength' is in the sidecars; add "
             "one, or pass --b0-tesla."
         )
-    else:
+    elif b0_override is None:  # --b0-tesla is checked with the configuration
         from qsmprep.recon.dipole import B0_RANGE_TESLA, check_b0_tesla
 
         try:
             check_b0_tesla(b0)
         except ValueError as error:
-            if b0_override is not None:
-                problems.append(f"--b0-tesla: {error}")
-            elif b0_source == "ImagingFrequency":
+            if b0_source == "ImagingFrequency":
                 problems.append(
                     f"{first}: 'ImagingFrequency' {meta['ImagingFrequency']:g} in its sidecar "
                     f"gives B0 = {b0:.3g} T, outside {B0_RANGE_TESLA[0]:g}-"
@@ -564,8 +562,6 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None 
     existing = ignore_file.read_text().split() if ignore_file.exists() else []
     lines = list(dict.fromkeys([*existing, *BIDSIGNORE]))
     atomic_write_text(ignore_file, "\n".join(lines) + "\n")
-
-
 
 
 def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:

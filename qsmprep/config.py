@@ -104,7 +104,13 @@ class WorkflowConfig:
     def validate(self) -> None:
         """Check method parameters against the core functions (names the offending key)."""
         from qsmprep.recon import background, inversion
+        from qsmprep.recon.dipole import check_b0_tesla
 
+        if self.b0_tesla is not None:
+            try:
+                check_b0_tesla(self.b0_tesla)
+            except ValueError as error:
+                raise ConfigError(f"--b0-tesla: {error}") from None
         if self.reference == "water" and self.fieldmap_method != "waterfat":
             raise ConfigError(
                 "--reference water references to soft tissue of low fat fraction, which needs "

@@ -83,15 +83,6 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _field_tesla(value: str) -> float:
-    from qsmprep.recon.dipole import check_b0_tesla
-
-    try:
-        return check_b0_tesla(_positive_float(value))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _phase_sign(value: str) -> int | str:
     if value.strip().lower() == "auto":
         return "auto"
@@ -274,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "water and fat everywhere). auto (default): with --fieldmap-method "
                    "waterfat/inphase the sign the fat signal supports (logged; +1 where there "
                    "is too little fat to tell), +1 otherwise")
-    g.add_argument(*_aliases("--b0-tesla"), dest="workflow.b0_tesla", type=_field_tesla,
+    g.add_argument(*_aliases("--b0-tesla"), dest="workflow.b0_tesla", type=_positive_float,
                    metavar="T", help="main field (T) when sidecars lack ImagingFrequency and "
                    "MagneticFieldStrength, or to override them")
     g.add_argument(*_aliases("--mask-threshold"), dest="workflow.mask_threshold",

@@ -35,8 +35,6 @@ LOGGER = logging.getLogger("qsmprep")
 EchoCombination = Literal["rss", "first"]
 
 
-
-
 def _check_mask(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 3:
@@ -147,6 +145,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:][np.argmax(between[:-1])])
 
 
+def _finite_values(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The finite values of ``image`` (float64, flat) and their 99.5th percentile."""
+    values = np.asarray(image, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    return values, float(np.percentile(values, 99.5))
+
+
 def robust_threshold(image: np.ndarray) -> float:
     """Automatic foreground threshold of a (smoothed) magnitude image.
 
@@ -154,9 +159,7 @@ def robust_threshold(image: np.ndarray) -> float:
     bright voxels (vessels, fat, artefacts) do not pull it up; the dark class collects the
     noise background and the skull, the bright class the tissue.
     """
-    values = np.asarray(image, dtype=np.float64).ravel()
-    values = values[np.isfinite(values)]
-    top = np.percentile(values, 99.5)
+    values, top = _finite_values(image)
     return otsu_threshold(np.minimum(values, top))
 
 
@@ -171,9 +174,7 @@ def log_threshold(image: np.ndarray, floor: float = 1e-3) -> float:
     background and the tissue. Values are clipped to ``[floor, 1] x`` their 99.5th
     percentile, so zero-filled backgrounds form one bin.
     """
-    values = np.asarray(image, dtype=np.float64).ravel()
-    values = values[np.isfinite(values)]
-    top = np.percentile(values, 99.5)
+    values, top = _finite_values(image)
     if top <= 0:
         raise ValueError("magnitude has no signal; cannot threshold it.")
     return float(np.exp(otsu_threshold(np.log(np.clip(values, floor * top, top)))))
