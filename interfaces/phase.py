@@ -34,6 +34,8 @@ class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
     volumes = traits.List(traits.Int, desc="volume index per echo in 4D files (-1: 3D file)")
     phase_units = traits.Enum("auto", "rad", "arbitrary", usedefault=True,
                               desc="phase units from the sidecar ('auto': infer from range)")
+    single_slice = traits.Bool(False, usedefault=True,
+                               desc="accept one slice [x, y] / [x, y, 1] (water-fat maps only)")
 
 
 class _LoadEchoesOutputSpec(TraitedSpec):
@@ -53,15 +55,18 @@ class LoadEchoes(SimpleInterface):
         inputs = self.inputs
         volumes = list(inputs.volumes) if inputs.volumes else None
         if inputs.real_files and inputs.imag_files:
-            real, reference = _stack(inputs.real_files, volumes)
-            imag, _ = _stack(inputs.imag_files, volumes, like=(reference, inputs.real_files[0]))
+            real, reference = _stack(inputs.real_files, volumes, flat=inputs.single_slice)
+            imag, _ = _stack(inputs.imag_files, volumes, like=(reference, inputs.real_files[0]),
+                             flat=inputs.single_slice)
             magnitude, phase, units = np.hypot(real, imag), np.angle(real + 1j * imag), "rad"
         else:
-            magnitude, reference = _stack(inputs.magnitude_files, volumes)
+            magnitude, reference = _stack(inputs.magnitude_files, volumes,
+                                          flat=inputs.single_slice)
             phase, units = None, None
             if inputs.phase_files:
                 like = (reference, inputs.magnitude_files[0])
-                phase, _ = _stack(inputs.phase_files, volumes, like=like)
+                phase, _ = _stack(inputs.phase_files, volumes, like=like,
+                                  flat=inputs.single_slice)
                 units = inputs.phase_units
         finite = phase_core.finite_mask(magnitude, *([] if phase is None else [phase]))
         bad = int(finite.size - finite.sum())
@@ -113,8 +118,9 @@ def _names(files) -> str:
     return f"{files[0]} (and {len(files) - 1} more)"
 
 
-def _stack(files, volumes, like=None) -> tuple[np.ndarray, nb.Nifti1Image]:
-    """Read one 3D volume per echo into [x, y, z, echo]; checks grids agree."""
+def _stack(files, volumes, like=None, flat: bool = False) -> tuple[np.ndarray, nb.Nifti1Image]:
+    """Read one 3D volume per echo into [x, y, z, echo] (``flat``: also one slice, ``z`` 1);
+    checks grids agree."""
     arrays = []
     reference = like[0] if like else None
     reference_file = like[1] if like else files[0]
@@ -128,13 +134,15 @@ def _stack(files, volumes, like=None) -> tuple[np.ndarray, nb.Nifti1Image]:
         volume = volumes[index] if volumes and volumes[index] >= 0 else None
         if len(shape) == 4 and shape[3] == 1:
             shape = shape[:3]
+        if flat and len(shape) == 2:  # one slice stored as a 2D image
+            shape = shape + (1,)
         if volume is None and len(shape) != 3:
             raise InputDataError(f"{path}: expected a 3D image, found shape {shape}; a 4D "
                                  "multi-echo file needs a list of EchoTime values in its sidecar.")
         if volume is not None and (len(shape) != 4 or volume >= shape[3]):
             raise InputDataError(f"{path}: EchoTime lists {volume + 1}+ echoes but the image "
                                  f"has shape {shape}.")
-        if min(shape[:3]) < 2:
+        if len(shape) < 3 or min(shape[:2]) < 2 or (shape[2] < 2 and not flat):
             raise InputDataError(f"{path}: shape {shape} is not a 3D volume; QSM needs 3D data.")
         if reference is None:
             reference = image

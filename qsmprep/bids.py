@@ -564,14 +564,16 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, mask_dir: Path | None 
     atomic_write_text(ignore_file, "\n".join(lines) + "\n")
 
 
-def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
+def check_images(acquisition: Acquisition, *,
+                 single_slice: bool = False) -> tuple[int, ...] | None:
     """Header-level checks of every image of ``acquisition`` (no voxel data are read).
 
     Problems are appended to ``acquisition.problems``, each naming the file, the problem and
     the fix: unreadable or non-NIfTI files, truncated data (file size, gzip trailer), not 3D
-    (a single slice, 5D), 4D files without one ``EchoTime`` per volume, implausible voxel
-    sizes or a singular affine, and echoes/parts on different voxel grids. Returns the shape
-    of the first image, or None when a problem was found.
+    (a single slice unless ``single_slice`` allows one; 5D), 4D files without one
+    ``EchoTime`` per volume, implausible voxel sizes or a singular affine, and echoes/parts
+    on different voxel grids. Returns the shape of the first image (a 2D image's as
+    ``[x, y, 1]``), or None when a problem was found.
     """
     import nibabel as nb
     import numpy as np
@@ -594,17 +596,18 @@ def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
                 f"cannot be read as NIfTI ({error}); the file is corrupt or not a NIfTI "
                 "image: re-export it from DICOM (e.g. dcm2niix).", []).append(path)
             continue
-        problem = _shape_problem(shape, indices) or _geometry_problem(affine)
+        problem = (_shape_problem(shape, indices, single_slice=single_slice)
+                   or _geometry_problem(affine))
         if problem is None:
             problem = _truncation_problem(path, image)
         if problem is not None:
             files_with.setdefault(problem, []).append(path)
             continue
         if reference is None:
-            reference = (path, shape, affine)
+            reference = (path, shape if len(shape) > 2 else shape + (1,), affine)
             continue
         ref_path, ref_shape, ref_affine = reference
-        if shape[:3] != ref_shape[:3]:
+        if (shape + (1,))[:3] != ref_shape[:3]:
             acquisition.problems.append(
                 f"{path}: voxel grid {shape[:3]} differs from {ref_shape[:3]} of {ref_path}; "
                 "all echoes and parts of an acquisition must share one grid: re-export them "
@@ -623,15 +626,20 @@ def check_images(acquisition: Acquisition) -> tuple[int, ...] | None:
     return reference[1]
 
 
-def _shape_problem(shape: tuple[int, ...], volumes: list[int | None]) -> str | None:
-    """Dimensionality problems of an image holding the given echo volumes (None: 3D)."""
-    spatial = shape[:3]
+def _shape_problem(shape: tuple[int, ...], volumes: list[int | None], *,
+                   single_slice: bool = False) -> str | None:
+    """Dimensionality problems of an image holding the given echo volumes (None: 3D, or one
+    slice ``[x, y]``/``[x, y, 1]`` where ``single_slice`` allows it)."""
+    spatial = (tuple(shape) + (1,))[:3] if single_slice and len(shape) == 2 else shape[:3]
     extra = shape[3:]
     while extra and extra[-1] == 1:
         extra = extra[:-1]
-    if len(shape) < 3 or min(spatial) < 2:
+    if single_slice and len(spatial) == 3 and min(spatial[:2]) >= 2 and spatial[2] == 1:
+        pass  # one axial slice: water-fat maps only
+    elif len(shape) < 3 or min(spatial) < 2:
         return (f"shape {shape} is not a 3D volume (a single slice or a 2D image); QSM needs "
-                "3D data with at least 2 voxels along every axis: convert the whole series.")
+                "3D data with at least 2 voxels along every axis: convert the whole series "
+                "(a single slice gives water-fat maps only, with --fieldmap-method waterfat).")
     if len(extra) > 1:
         return (f"{len(shape)}D image (shape {shape}); qsmprep reads 3D images, or 4D images "
                 "with one echo per volume: split the extra dimensions into separate files.")

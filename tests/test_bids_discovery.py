@@ -175,3 +175,26 @@ def test_derivative_paths():
 
 def test_gamma_constant_in_sync():
     assert bids.GAMMA_BAR_MHZ_PER_T == GAMMA_BAR_MHZ_PER_T
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1), (6, 5, 1, 3)])
+def test_a_single_slice_is_refused_unless_allowed(tmp_path, shape):
+    """One slice (2D image, [x, y, 1] or a 4D file of them) is no QSM input, but the
+    water-fat maps can be made of it (``single_slice``); its shape reads as [x, y, 1, ...]."""
+    root = _dataset(tmp_path / "ds")
+    anat = root / "sub-01" / "anat"
+    meta = {"EchoTime": [0.003, 0.006, 0.009] if len(shape) == 4 else 0.003,
+            "MagneticFieldStrength": 3}
+    stems = ["sub-01_part-{}_MEGRE"] if len(shape) == 4 else [
+        f"sub-01_echo-{n}_part-{{}}_MEGRE" for n in (1, 2, 3)]
+    for n, stem in enumerate(stems):
+        echo_meta = meta if len(shape) == 4 else {**meta, "EchoTime": 0.003 * (n + 1)}
+        _write(anat / f"{stem.format('mag')}.nii.gz", echo_meta, shape=shape)
+        _write(anat / f"{stem.format('phase')}.nii.gz", {**echo_meta, "Units": "rad"},
+               shape=shape)
+    (acq,) = _discover(root)
+    assert bids.check_images(acq) is None
+    assert "is not a 3D volume" in acq.problems[0] and "waterfat" in acq.problems[0]
+    (acq,) = _discover(root)
+    assert bids.check_images(acq, single_slice=True)[:3] == (6, 5, 1)
+    assert not acq.problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from nipype.pipeline import engine as pe
@@ -13,10 +14,13 @@ from qsmprep.reports.boilerplate import describe_qsm, describe_run
 from qsmprep.study_io import scan_label
 
 from .outputs import init_ds_qsm_wf
-from .qsm import OUTPUT_FIELDS, WATERFAT_FIELDS, init_qsm_wf
+from .qsm import OUTPUT_FIELDS, QSM_FIELDS, WATERFAT_FIELDS, init_qsm_wf
 from .resources import NodeMemory
 from .roi import connect_roi_wf
 from .sweep import connect_lambda_sweep
+
+LOGGER = logging.getLogger("qsmprep")
+
 
 def init_qsmprep_wf(
     config: Config,
@@ -62,6 +66,7 @@ def init_single_acquisition_wf(
     name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
     workflow = pe.Workflow(name=name)
     voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
+    qsm = int(shape[2]) > 1  # a single slice: the water-fat maps only (no dipole inversion)
     memory = NodeMemory(voxels, len(acquisition.echoes),
                         body=config.workflow.mask_type == "body")
     qsm_wf = init_qsm_wf(
@@ -72,10 +77,11 @@ def init_single_acquisition_wf(
         options=config.workflow,
         omp_nthreads=omp_nthreads,
         memory=memory,
+        qsm=qsm,
     )
     qsm_wf.__desc__ = describe_qsm(  # methods boilerplate (logs/CITATION.md)
         config.workflow, echo_times=acquisition.echo_times, b0_tesla=acquisition.b0_tesla,
-        has_phase=acquisition.has_phase, provided_mask=bool(provided_mask))
+        has_phase=acquisition.has_phase, provided_mask=bool(provided_mask), qsm=qsm)
     inputnode = qsm_wf.get_node("inputnode")
     echoes = acquisition.echoes
     inputnode.inputs.magnitude_files = [e.magnitude for e in echoes if e.magnitude]
@@ -98,22 +104,27 @@ def init_single_acquisition_wf(
         has_phase=acquisition.has_phase,
         options=config.workflow,
         mask_dir=str(config.execution.mask_dir) if config.execution.mask_dir else None,
+        qsm=qsm,
     )
     swi_fields = {"swi", "minip", "chi_mip", "swi_metadata"}
     r2star_fields = {"r2star", "t2star", "s0", "r2star_metadata"}
     fields = [f for f in OUTPUT_FIELDS if (acquisition.has_phase or f in _MAG_ONLY)
               and (config.workflow.swi or f not in swi_fields)
               and (len(echoes) >= 2 or f not in r2star_fields)
-              and (config.workflow.fieldmap_method == "waterfat" or f not in WATERFAT_FIELDS)]
+              and (config.workflow.fieldmap_method == "waterfat" or f not in WATERFAT_FIELDS)
+              and (qsm or f not in QSM_FIELDS)]
     workflow.connect([(qsm_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     sweep_wf = None
-    if acquisition.has_phase and config.workflow.lambda_sweep:
+    if acquisition.has_phase and config.workflow.lambda_sweep and qsm:
         sweep_wf = connect_lambda_sweep(
             workflow, qsm_wf, lambdas=config.workflow.lambda_sweep,
             output_dir=str(config.execution.output_dir), bids_dir=str(config.execution.bids_dir),
             entities=acquisition.output_entities, source_files=acquisition.source_files,
             echo_times=acquisition.echo_times, b0_tesla=acquisition.b0_tesla)
-    if rois:
+    if rois and not qsm:
+        LOGGER.warning("%s: its ROIs are not measured (a single slice has no Chimap).",
+                       acquisition.name)
+    elif rois:
         connect_roi_wf(workflow, [ds_wf, sweep_wf], output_dir=str(config.execution.output_dir),
                        entities=acquisition.output_entities,
                        scan=scan_label(acquisition.output_entities), rois=rois)

@@ -24,10 +24,12 @@ def init_ds_qsm_wf(
     has_phase: bool,
     options: WorkflowConfig,
     mask_dir: str | None = None,
+    qsm: bool = True,
     name: str = "ds_qsm_wf",
 ) -> pe.Workflow:
     """Sinks for every product of :func:`qsmprep.workflows.qsm.init_qsm_wf` (``mask_dir``:
-    where a provided mask came from, for its ``Sources``)."""
+    where a provided mask came from, for its ``Sources``; ``qsm`` False: the field and
+    water-fat maps only)."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="inputnode")
     common = {"base_directory": output_dir, "bids_dir": bids_dir, "entities": entities,
@@ -84,22 +86,6 @@ def init_ds_qsm_wf(
                                   "MagneticFieldStrength": round(b0_tesla, 6),
                                   "Description": "Spatially unwrapped phase (exact 2 pi "
                                   "multiples of the input where the unwrapper guarantees it)."})
-    # without background removal (total field inversion) there is no local field to write
-    ds_local = None if options.bfr_method == "none" else sink(
-        "ds_local_field", "localfield", field_fields + ["bfr_metadata"],
-        metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
-                  "Description": "Local (tissue) field after background field removal."})
-    ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
-                       metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
-                                 "Description": "Mask on which the local "
-                                 "field and susceptibility are valid (eroded by background "
-                                 "field removal)."})
-    ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
-                                                         "reference_metadata"],
-                  metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
-                            "Description": "Magnetic susceptibility (ppm).",
-                            "EstimationAlgorithm": " -> ".join(steps),
-                            "EstimationReference": " ".join(reference(s) for s in steps)})
     if options.fieldmap_method == "waterfat":
         water_fat = {"SkullStripped": True, "Units": "arbitrary", **acquisition}
         ds_water = sink("ds_water", "M0map", ["field_metadata"], desc="water", metadata={
@@ -118,6 +104,29 @@ def init_ds_qsm_wf(
             (inputnode, ds_fat, [("fat", "in_file")]),
             (inputnode, ds_pdff, [("pdff", "in_file")]),
         ])
+    workflow.connect([
+        (inputnode, ds_field, [("field_hz", "in_file")]),
+        (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),
+        (inputnode, ds_unwrapped, [("unwrapped_phase", "in_file")]),
+    ])
+    if not qsm:
+        return workflow
+    # without background removal (total field inversion) there is no local field to write
+    ds_local = None if options.bfr_method == "none" else sink(
+        "ds_local_field", "localfield", field_fields + ["bfr_metadata"],
+        metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                  "Description": "Local (tissue) field after background field removal."})
+    ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
+                       metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
+                                 "Description": "Mask on which the local "
+                                 "field and susceptibility are valid (eroded by background "
+                                 "field removal)."})
+    ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
+                                                         "reference_metadata"],
+                  metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
+                            "Description": "Magnetic susceptibility (ppm).",
+                            "EstimationAlgorithm": " -> ".join(steps),
+                            "EstimationReference": " ".join(reference(s) for s in steps)})
     if options.swi:
         ds_swi = sink("ds_swi", "swi", ["swi_metadata"], metadata={
             "Units": "arbitrary", "SkullStripped": False, **acquisition,
@@ -136,9 +145,6 @@ def init_ds_qsm_wf(
             (inputnode, ds_mip, [("chi_mip", "in_file")]),
         ])
     workflow.connect([
-        (inputnode, ds_field, [("field_hz", "in_file")]),
-        (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),
-        (inputnode, ds_unwrapped, [("unwrapped_phase", "in_file")]),
         (inputnode, ds_qsm_mask, [("eroded_mask", "in_file")]),
         (inputnode, ds_chi, [("chi", "in_file")]),
     ])

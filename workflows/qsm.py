@@ -30,6 +30,10 @@ OUTPUT_FIELDS = [
 #: Outputs only the water-fat field mapping (``--fieldmap-method waterfat``) produces.
 WATERFAT_FIELDS = {"water", "fat", "pdff"}
 
+#: Outputs of the steps after the field map (none for a single slice).
+QSM_FIELDS = {"local_field_hz", "eroded_mask", "chi", "bfr_metadata", "inversion_metadata",
+              "reference_metadata", "swi", "minip", "chi_mip", "swi_metadata"}
+
 #: Inversion methods with the calcaneus study's MIP data weight and |W - F| edge image.
 STUDY_WEIGHT_METHODS = {"l2medi", "tvmedi"}
 
@@ -43,9 +47,11 @@ def init_qsm_wf(
     options: WorkflowConfig,
     omp_nthreads: int,
     memory: NodeMemory,
+    qsm: bool = True,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
-    """Build the QSM workflow of one acquisition.
+    """Build the QSM workflow of one acquisition (``qsm`` False: stop at the field map and
+    the water-fat maps, as for a single slice).
 
     Inputs (``inputnode``): ``magnitude_files``, ``phase_files``, ``real_files``,
     ``imag_files``, ``volumes``, ``provided_mask``, ``reference_mask``. Outputs: see
@@ -59,7 +65,8 @@ def init_qsm_wf(
     )
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
-    load = pe.Node(LoadEchoes(phase_units=phase_units or "auto"), name="load_echoes",
+    load = pe.Node(LoadEchoes(phase_units=phase_units or "auto", single_slice=not qsm),
+                   name="load_echoes",
                    mem_gb=memory.gb("load_echoes"))
     mask = pe.Node(BrainMask(erode_mm=options.mask_erode_mm, mask_type=options.mask_type),
                    name="brain_mask",
@@ -117,27 +124,6 @@ def init_qsm_wf(
                           num_threads=omp_nthreads),
             name="estimate_field", n_procs=omp_nthreads, mem_gb=memory.gb("estimate_field"),
         )
-    # the calcaneus study's weights: MIP over TE (data), opposed-phase |W - F| (edges)
-    study = options.study_weights and options.inversion_method in STUDY_WEIGHT_METHODS
-    weights = [("mip", "magnitude")] if study and options.fieldmap_method in (
-        "waterfat", "inphase") else [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]
-    bfr = pe.Node(
-        RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
-                         erode_mm=options.bfr_erode_mm, params=options.bfr_params,
-                         vsharp_max_radius_mm=options.vsharp_max_radius_mm,
-                         num_threads=omp_nthreads),
-        name="remove_background", n_procs=omp_nthreads, mem_gb=memory.gb("remove_background"),
-    )
-    invert = pe.Node(
-        InvertDipole(b0_tesla=b0_tesla, echo_times=echo_times, method=options.inversion_method,
-                     params=options.inversion_params, lambda_rule=options.lambda_rule or "",
-                     num_threads=omp_nthreads),
-        name="invert_dipole", n_procs=omp_nthreads, mem_gb=memory.gb("invert_dipole"),
-    )
-    if options.inversion_lambda is not None and not options.lambda_rule:
-        invert.inputs.lam = options.inversion_lambda
-    reference = pe.Node(ReferenceSusceptibility(method=options.reference),
-                        name="reference_chi", mem_gb=memory.gb("reference_chi"))
     phase_source = load
     checked = 4 if options.readout_polarity == "auto" else 2  # bipolar: the step's own error
     if options.readout_polarity != "monopolar" and len(echo_times) >= checked:
@@ -161,6 +147,40 @@ def init_qsm_wf(
         (load, field, [("magnitude", "magnitude")]),
         (phase_source, field, [("phase", "phase")]),
         (mask, field, [("mask", "mask")]),
+        (field, outputnode, [("field_hz", "field_hz"), ("magnitude", "field_magnitude"),
+                             ("unwrapped_phase", "unwrapped_phase"),
+                             ("metadata", "field_metadata")]),
+    ])
+    if waterfat:
+        workflow.connect([
+            (field, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
+                                 ("r2star_metadata", "r2star_metadata"), ("water", "water"),
+                                 ("fat", "fat"), ("pdff", "pdff")]),
+        ])
+    if not qsm:
+        return workflow
+    # the calcaneus study's weights: MIP over TE (data), opposed-phase |W - F| (edges)
+    study = options.study_weights and options.inversion_method in STUDY_WEIGHT_METHODS
+    weights = [("mip", "magnitude")] if study and options.fieldmap_method in (
+        "waterfat", "inphase") else [("noise_hz", "noise_hz"), ("magnitude", "magnitude")]
+    bfr = pe.Node(
+        RemoveBackground(b0_tesla=b0_tesla, method=options.bfr_method,
+                         erode_mm=options.bfr_erode_mm, params=options.bfr_params,
+                         vsharp_max_radius_mm=options.vsharp_max_radius_mm,
+                         num_threads=omp_nthreads),
+        name="remove_background", n_procs=omp_nthreads, mem_gb=memory.gb("remove_background"),
+    )
+    invert = pe.Node(
+        InvertDipole(b0_tesla=b0_tesla, echo_times=echo_times, method=options.inversion_method,
+                     params=options.inversion_params, lambda_rule=options.lambda_rule or "",
+                     num_threads=omp_nthreads),
+        name="invert_dipole", n_procs=omp_nthreads, mem_gb=memory.gb("invert_dipole"),
+    )
+    if options.inversion_lambda is not None and not options.lambda_rule:
+        invert.inputs.lam = options.inversion_lambda
+    reference = pe.Node(ReferenceSusceptibility(method=options.reference),
+                        name="reference_chi", mem_gb=memory.gb("reference_chi"))
+    workflow.connect([
         # water-fat noise maps rise steeply with R2* (marrow): as PDF weights they bias the
         # marrow field on the body phantom (benchmarks/RESULTS.md), so PDF runs unweighted
         (field, bfr, [("field_hz", "field_hz")]
@@ -172,9 +192,6 @@ def init_qsm_wf(
         (bfr, reference, [("mask", "mask")]),
         *([] if r2star is None else [(r2star, reference, [("r2star", "r2star")])]),
         (inputnode, reference, [("reference_mask", "roi")]),
-        (field, outputnode, [("field_hz", "field_hz"), ("magnitude", "field_magnitude"),
-                             ("unwrapped_phase", "unwrapped_phase"),
-                             ("metadata", "field_metadata")]),
         (bfr, outputnode, [("local_field_hz", "local_field_hz"), ("mask", "eroded_mask"),
                            ("metadata", "bfr_metadata")]),
         (invert, outputnode, [("metadata", "inversion_metadata")]),
@@ -182,9 +199,6 @@ def init_qsm_wf(
     ])
     if waterfat:
         workflow.connect([
-            (field, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0"),
-                                 ("r2star_metadata", "r2star_metadata"), ("water", "water"),
-                                 ("fat", "fat"), ("pdff", "pdff")]),
             (field, reference, [("r2star", "r2star"), ("pdff", "pdff")]),
             *([(field, invert, [("opposed_phase", "edge_image")])] if study else []),
         ])

@@ -8,8 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from qsmprep.bids import atomic_write_text
 from qsmprep.config import Config
 from qsmprep.study_io import (

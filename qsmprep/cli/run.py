@@ -227,10 +227,18 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
             acquisition.problems.append(
                 f"{acquisition.source_files[0]}: --reference csf finds CSF by R2*, which needs "
                 "at least 2 echoes; use --reference mean for this single-echo acquisition.")
+        # a single slice is no QSM, but its water-fat maps (field, PDFF, R2*) are useful
+        single_slice = acquisition.has_phase and config.workflow.fieldmap_method == "waterfat"
         if not acquisition.problems:
-            shape = bids.check_images(acquisition)  # headers only: fast, names every file
+            # headers only: fast, names every file
+            shape = bids.check_images(acquisition, single_slice=single_slice)
             if shape is not None:
                 shapes[acquisition.name] = shape
+                if shape[2] == 1:
+                    LOGGER.warning(
+                        "%s is a single slice: only the water-fat maps (field map, PDFF, "
+                        "water, fat, R2*/T2*) are computed; QSM needs a 3D volume (the dipole "
+                        "field reaches across slices).", acquisition.name)
         if acquisition.problems:
             failed += 1
             LOGGER.error("cannot process %s:\n  - %s", acquisition.name,

@@ -336,9 +336,11 @@ def describe_qsm(
     b0_tesla: float,
     has_phase: bool,
     provided_mask: bool = False,
+    qsm: bool = True,
 ) -> str:
     """Methods paragraph of one acquisition's QSM workflow, from its options (a
-    :class:`~qsmprep.config.WorkflowConfig`), echo times (s), field (T) and inputs."""
+    :class:`~qsmprep.config.WorkflowConfig`), echo times (s), field (T) and inputs (``qsm``
+    False: a single slice, water-fat maps only)."""
     sentences = [f"The acquisition had {_echo_text(echo_times)} at {b0_tesla:.3g} T."]
     waterfat = has_phase and options.fieldmap_method == "waterfat"
     body = options.mask_type == "body"
@@ -392,51 +394,18 @@ def describe_qsm(
                                  "2π TE.")
         if not waterfat:
             sentences.append(f"Phase wraps were removed by {_UNWRAP[options.unwrap_method]}.")
-        bfr_params = ", ".join(f"{k} = {_number(v)}" for k, v in
-                               sorted(dict(options.bfr_params).items()))
-        erosion = (f"after eroding the mask by {options.bfr_erode_mm:g} mm, "
-                   if options.bfr_erode_mm else "")
-        radius = (f" (largest kernel radius {options.vsharp_max_radius_mm:g} mm)"
-                  if options.bfr_method == "vsharp" else "")
-        if options.bfr_method == "none":
-            eroded = (f" (eroded by {options.bfr_erode_mm:g} mm)" if options.bfr_erode_mm
-                      else "")
-            sentences.append(
-                "The background field was not removed beforehand: the inversion modelled the "
-                f"background sources outside the mask{eroded} together with the tissue.")
+        if qsm:
+            sentences.extend(_susceptibility_sentences(options))
         else:
-            sentences.append(
-                f"Background fields were removed {erosion}by {_BFR[options.bfr_method]}{radius}"
-                + (f" with {bfr_params}" if bfr_params else "") + ".")
-        method = options.inversion_method
-        lam = ""
-        if options.lambda_rule:
-            rule = ("the discrepancy principle (weighted residual equal to the noise level)"
-                    if options.lambda_rule == "discrepancy" else
-                    "the point of maximum curvature of the L-curve")
-            lam = f", with the regularisation weight chosen per acquisition by {rule}"
-        elif options.inversion_lambda is not None:
-            lam = f", with regularisation weight λ = {options.inversion_lambda:.3g}"
-        else:
-            lam = _default_lambda_text(method)
-        params = ", ".join(f"{k} = {_number(v)}" for k, v in
-                           sorted(dict(options.inversion_params).items()))
-        study = (" The data weight was the maximum magnitude over echo times and the edge "
-                 "mask came from the opposed-phase image |W - F|."
-                 if options.study_weights and method in ("l2medi", "tvmedi") else "")
-        sentences.append(
-            f"Susceptibility maps were reconstructed from the "
-            f"{'total' if options.bfr_method == 'none' else 'local'} field with the dipole "
-            f"model [@dipole] by {_INVERSION[method]}{lam}"
-            + (f" ({params})" if params else "") + "." + study)
-        sentences.append(_REFERENCE[options.reference])
+            sentences.append("The acquisition was a single slice: no susceptibility map was "
+                             "computed (the dipole field of a source reaches across slices).")
     if len(echo_times) >= 2:
         if waterfat:
             pass  # R2* from the water-fat fit, said above
         else:
             sentences.append(f"R2*, T2* and S0 maps were computed by "
                              f"{_R2STAR[options.r2star_method]}.")
-    if has_phase and options.swi:
+    if has_phase and options.swi and qsm:
         sentences.append(
             "Susceptibility-weighted images [@swi], their minimum intensity projections and "
             f"maximum intensity projections of the susceptibility map ({options.mip_slab_mm:g}"
@@ -445,6 +414,49 @@ def describe_qsm(
         sentences.append("No phase images were available, so no susceptibility map was "
                          "computed.")
     return " ".join(sentences)
+
+
+def _susceptibility_sentences(options: Any) -> list[str]:
+    """Background removal, inversion and referencing of the methods paragraph."""
+    sentences: list[str] = []
+    bfr_params = ", ".join(f"{k} = {_number(v)}" for k, v in
+                           sorted(dict(options.bfr_params).items()))
+    erosion = (f"after eroding the mask by {options.bfr_erode_mm:g} mm, "
+               if options.bfr_erode_mm else "")
+    radius = (f" (largest kernel radius {options.vsharp_max_radius_mm:g} mm)"
+              if options.bfr_method == "vsharp" else "")
+    if options.bfr_method == "none":
+        eroded = (f" (eroded by {options.bfr_erode_mm:g} mm)" if options.bfr_erode_mm
+                  else "")
+        sentences.append(
+            "The background field was not removed beforehand: the inversion modelled the "
+            f"background sources outside the mask{eroded} together with the tissue.")
+    else:
+        sentences.append(
+            f"Background fields were removed {erosion}by {_BFR[options.bfr_method]}{radius}"
+            + (f" with {bfr_params}" if bfr_params else "") + ".")
+    method = options.inversion_method
+    if options.lambda_rule:
+        rule = ("the discrepancy principle (weighted residual equal to the noise level)"
+                if options.lambda_rule == "discrepancy" else
+                "the point of maximum curvature of the L-curve")
+        lam = f", with the regularisation weight chosen per acquisition by {rule}"
+    elif options.inversion_lambda is not None:
+        lam = f", with regularisation weight λ = {options.inversion_lambda:.3g}"
+    else:
+        lam = _default_lambda_text(method)
+    params = ", ".join(f"{k} = {_number(v)}" for k, v in
+                       sorted(dict(options.inversion_params).items()))
+    study = (" The data weight was the maximum magnitude over echo times and the edge "
+             "mask came from the opposed-phase image |W - F|."
+             if options.study_weights and method in ("l2medi", "tvmedi") else "")
+    sentences.append(
+        f"Susceptibility maps were reconstructed from the "
+        f"{'total' if options.bfr_method == 'none' else 'local'} field with the dipole "
+        f"model [@dipole] by {_INVERSION[method]}{lam}"
+        + (f" ({params})" if params else "") + "." + study)
+    sentences.append(_REFERENCE[options.reference])
+    return sentences
 
 
 def _default_lambda_text(method: str) -> str:

@@ -492,11 +492,13 @@ def _figures(builder: _Builder, acquisition: AcquisitionOutputs,
             return figures.mosaic(figures.Layer(magnitude.data, 0.0, hi, "gray"),
                                   extent_mask=brain, voxel_size=zooms, outlines=outlines,
                                   title=f"{acquisition.mask_desc} mask over the magnitude")
+        valid_text = (" and the mask where the local field and susceptibility are valid "
+                      "(cyan, after the erosion by background field removal)"
+                      if qsm_mask is not None else "")
         add("mask", make_mask,
-            f"{esc(acquisition.mask_desc.capitalize())} mask (orange) and the mask where the "
-            "local field and susceptibility are valid (cyan, after the erosion by background "
-            "field removal) over the first-echo magnitude. Check that no tissue is cut and "
-            "no skull, air or vessel outside is included.")
+            f"{esc(acquisition.mask_desc.capitalize())} mask (orange){valid_text} over the "
+            "first-echo magnitude. Check that no tissue is cut and no skull, air or vessel "
+            "outside is included.")
 
     field = _load(acquisition.fmap_file("fieldmap", "total"))
     if field is not None:
