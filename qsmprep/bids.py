@@ -603,13 +603,14 @@ def check_images(acquisition: Acquisition, *,
         if problem is not None:
             files_with.setdefault(problem, []).append(path)
             continue
+        grid = (shape + (1,))[:3]  # a 2D image (one slice) as [x, y, 1]
         if reference is None:
-            reference = (path, shape if len(shape) > 2 else shape + (1,), affine)
+            reference = (path, grid + shape[3:], affine)
             continue
         ref_path, ref_shape, ref_affine = reference
-        if (shape + (1,))[:3] != ref_shape[:3]:
+        if grid != ref_shape[:3]:
             acquisition.problems.append(
-                f"{path}: voxel grid {shape[:3]} differs from {ref_shape[:3]} of {ref_path}; "
+                f"{path}: voxel grid {grid} differs from {ref_shape[:3]} of {ref_path}; "
                 "all echoes and parts of an acquisition must share one grid: re-export them "
                 "from the same series.")
         elif not np.allclose(affine, ref_affine, atol=1e-3, rtol=1e-4):
@@ -630,13 +631,12 @@ def _shape_problem(shape: tuple[int, ...], volumes: list[int | None], *,
                    single_slice: bool = False) -> str | None:
     """Dimensionality problems of an image holding the given echo volumes (None: 3D, or one
     slice ``[x, y]``/``[x, y, 1]`` where ``single_slice`` allows it)."""
-    spatial = (tuple(shape) + (1,))[:3] if single_slice and len(shape) == 2 else shape[:3]
+    spatial = (tuple(shape) + (1, 1))[:3]
     extra = shape[3:]
     while extra and extra[-1] == 1:
         extra = extra[:-1]
-    if single_slice and len(spatial) == 3 and min(spatial[:2]) >= 2 and spatial[2] == 1:
-        pass  # one axial slice: water-fat maps only
-    elif len(shape) < 3 or min(spatial) < 2:
+    one_slice = single_slice and min(spatial[:2]) >= 2 and spatial[2] == 1
+    if not one_slice and (len(shape) < 3 or min(spatial) < 2):
         return (f"shape {shape} is not a 3D volume (a single slice or a 2D image); QSM needs "
                 "3D data with at least 2 voxels along every axis: convert the whole series "
                 "(a single slice gives water-fat maps only, with --fieldmap-method waterfat).")

@@ -66,7 +66,11 @@ def init_single_acquisition_wf(
     name = re.sub(r"[^A-Za-z0-9]", "_", acquisition.name) + "_wf"
     workflow = pe.Workflow(name=name)
     voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
-    qsm = int(shape[2]) > 1  # a single slice: the water-fat maps only (no dipole inversion)
+    qsm = int(shape[2]) > 1
+    if not qsm:
+        LOGGER.warning("%s is a single slice: only the water-fat maps (field map, PDFF, water, "
+                       "fat, R2*/T2*) are computed; QSM needs a 3D volume (the dipole field "
+                       "reaches across slices).", acquisition.name)
     memory = NodeMemory(voxels, len(acquisition.echoes),
                         body=config.workflow.mask_type == "body")
     qsm_wf = init_qsm_wf(

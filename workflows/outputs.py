@@ -68,8 +68,6 @@ def init_ds_qsm_wf(
     if not has_phase:
         return workflow
 
-    steps = (options.fieldmap_method, options.unwrap_method, options.bfr_method,
-             options.inversion_method)
     field_fields = ["load_metadata", "readout_metadata", "field_metadata"]
     ds_field = sink("ds_fieldmap", "fieldmap", field_fields, datatype="fmap", desc="total",
                     metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
@@ -121,6 +119,8 @@ def init_ds_qsm_wf(
                                  "Description": "Mask on which the local "
                                  "field and susceptibility are valid (eroded by background "
                                  "field removal)."})
+    steps = (options.fieldmap_method, options.unwrap_method, options.bfr_method,
+             options.inversion_method)
     ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
                                                          "reference_metadata"],
                   metadata={"Units": "ppm", "SkullStripped": True, **acquisition,

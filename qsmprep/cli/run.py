@@ -234,11 +234,6 @@ def run_participant(config: Config, plugin: str, plugin_args: dict, *,
             shape = bids.check_images(acquisition, single_slice=single_slice)
             if shape is not None:
                 shapes[acquisition.name] = shape
-                if shape[2] == 1:
-                    LOGGER.warning(
-                        "%s is a single slice: only the water-fat maps (field map, PDFF, "
-                        "water, fat, R2*/T2*) are computed; QSM needs a 3D volume (the dipole "
-                        "field reaches across slices).", acquisition.name)
         if acquisition.problems:
             failed += 1
             LOGGER.error("cannot process %s:\n  - %s", acquisition.name,
