@@ -2091,11 +2091,12 @@ def _amplitude_sd(
     """Standard deviations (per real component) of the water and fat amplitudes of the
     linear fit ``s_n = (W + F c_n) exp(-R2* t_n)`` (the field's phase drops out): ``sigma2``
     (per real channel) times the diagonal of ``(A^H A)^-1``; ``r2star`` (N,) 1/s."""
-    water_power = np.zeros(r2star.shape, np.float64)  # sum of exp(-2 R2* t_n)
+    r2star = np.asarray(r2star, dtype=np.float32)
+    water_power = np.zeros(r2star.shape, np.float32)  # sum of exp(-2 R2* t_n)
     fat_power = np.zeros_like(water_power)  # ... times |c_n|^2
-    cross = np.zeros(r2star.shape, np.complex128)  # ... times c_n
+    cross = np.zeros(r2star.shape, np.complex64)  # ... times c_n
     for t, c_n in zip(times, c):  # echo by echo: O(N) memory
-        decay = np.exp(-2.0 * t * r2star)
+        decay = np.exp(np.float32(-2.0 * t) * r2star)
         water_power += decay
         fat_power += abs(c_n) ** 2 * decay
         cross += c_n * decay
