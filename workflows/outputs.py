@@ -96,7 +96,9 @@ def init_ds_qsm_wf(
             **water_fat, "Units": "percent", "Description": "Proton-density fat fraction "
             "from the water-fat separation by magnitude discrimination (Liu et al. 2007): "
             "100 (1 - |W| / |W + F|) where |W| >= |F|, else 100 |F| / |W + F| (free of the "
-            "noise bias of |F| / (|W| + |F|))."})
+            "noise bias of |F| / (|W| + |F|)); 100 |F| / (|W| + |F|) where W and F are more "
+            "than 90 degrees apart and the smaller amplitude exceeds 3 standard deviations "
+            "of its noise."})
         workflow.connect([
             (inputnode, ds_water, [("water", "in_file")]),
             (inputnode, ds_fat, [("fat", "in_file")]),

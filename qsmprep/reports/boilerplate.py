@@ -377,7 +377,8 @@ def describe_qsm(
                 "regularisation of the water/fat ambiguity by max-flow jump moves "
                 "[@graphcut_hernando; @graphcut], which also unwrapped the field, and continuous "
                 "refinement; water, fat and R2* maps came from the same fit, the "
-                "proton-density fat fraction by magnitude discrimination [@pdff_md], and a "
+                "proton-density fat fraction by magnitude discrimination [@pdff_md] (the "
+                "plain ratio where water and fat were out of phase above the noise), and a "
                 "swap detector checked the field for water/fat "
                 "swaps.")
         elif options.fieldmap_method == "inphase":
