@@ -38,118 +38,91 @@ def init_ds_qsm_wf(
         common["mask_dir"] = mask_dir
     acquisition = {"EchoTime": echo_times, "MagneticFieldStrength": round(b0_tesla, 6)}
 
-    def sink(node_name: str, suffix: str, fields: list[str], **kwargs) -> pe.Node:
+    def sink(node_name: str, source: str, suffix: str, fields: list[str], **kwargs) -> None:
+        """A sink writing the input ``source``, its metadata merged from ``fields``."""
         node = pe.Node(DerivativesDataSink(suffix=suffix, **common, **kwargs),
                        name=node_name, run_without_submitting=True, mem_gb=0.1)
+        workflow.connect(inputnode, source, node, "in_file")
         merge = pe.Node(Merge(len(fields)), name=f"{node_name}_metadata",
                         run_without_submitting=True)
         for index, field in enumerate(fields, start=1):
             workflow.connect(inputnode, field, merge, f"in{index}")
         workflow.connect(merge, "out", node, "extra_metadata")
-        return node
 
-    ds_mask = sink("ds_mask", "mask", ["mask_metadata"], desc=options.mask_type)
-    workflow.connect(inputnode, "mask", ds_mask, "in_file")
+    sink("ds_mask", "mask", "mask", ["mask_metadata"], desc=options.mask_type)
     if len(echo_times) >= 2:  # a single echo has no R2* fit
-        ds_r2star = sink("ds_r2star", "R2starmap", ["r2star_metadata"], metadata={
+        sink("ds_r2star", "r2star", "R2starmap", ["r2star_metadata"], metadata={
             "Units": "1/s", "SkullStripped": True,
             "Description": "Transverse relaxation rate R2* from the multi-echo magnitude.",
             **acquisition})
-        ds_t2star = sink("ds_t2star", "T2starmap", ["r2star_metadata"], metadata={
+        sink("ds_t2star", "t2star", "T2starmap", ["r2star_metadata"], metadata={
             "Units": "s", "SkullStripped": True, "Description": "T2* = 1/R2*.", **acquisition})
-        ds_s0 = sink("ds_s0", "S0map", ["r2star_metadata"], metadata={
+        sink("ds_s0", "s0", "S0map", ["r2star_metadata"], metadata={
             "Units": "arbitrary", "SkullStripped": True,
             "Description": "Magnitude extrapolated to TE = 0 by the R2* fit.", **acquisition})
-        workflow.connect([
-            (inputnode, ds_r2star, [("r2star", "in_file")]),
-            (inputnode, ds_t2star, [("t2star", "in_file")]),
-            (inputnode, ds_s0, [("s0", "in_file")]),
-        ])
     if not has_phase:
         return workflow
 
     field_fields = ["load_metadata", "readout_metadata", "field_metadata"]
-    ds_field = sink("ds_fieldmap", "fieldmap", field_fields, datatype="fmap", desc="total",
-                    metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
-                              "Description": "Total field (B0 inhomogeneity) from a multi-echo "
-                              "fit of the phase, spatially unwrapped, inside the brain mask."})
-    ds_field_mag = sink("ds_fieldmap_magnitude", "magnitude", ["load_metadata"],
-                        datatype="fmap", desc="total",
-                        metadata={"SkullStripped": False, "EchoTime": echo_times[0],
-                                  "Description": "First-echo magnitude of the field map."})
-    ds_unwrapped = sink("ds_unwrapped_phase", "MEGRE", field_fields, desc="unwrapped",
-                        part="phase", echo=echo_numbers,
-                        file_metadata=[{"EchoTime": te} for te in echo_times],
-                        metadata={"Units": "rad", "SkullStripped": True,
-                                  "MagneticFieldStrength": round(b0_tesla, 6),
-                                  "Description": "Spatially unwrapped phase (exact 2 pi "
-                                  "multiples of the input where the unwrapper guarantees it)."})
+    sink("ds_fieldmap", "field_hz", "fieldmap", field_fields, datatype="fmap", desc="total",
+         metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                   "Description": "Total field (B0 inhomogeneity) from a multi-echo fit of "
+                   "the phase, spatially unwrapped, inside the brain mask."})
+    sink("ds_fieldmap_magnitude", "field_magnitude", "magnitude", ["load_metadata"],
+         datatype="fmap", desc="total",
+         metadata={"SkullStripped": False, "EchoTime": echo_times[0],
+                   "Description": "First-echo magnitude of the field map."})
+    sink("ds_unwrapped_phase", "unwrapped_phase", "MEGRE", field_fields, desc="unwrapped",
+         part="phase", echo=echo_numbers,
+         file_metadata=[{"EchoTime": te} for te in echo_times],
+         metadata={"Units": "rad", "SkullStripped": True,
+                   "MagneticFieldStrength": round(b0_tesla, 6),
+                   "Description": "Spatially unwrapped phase (exact 2 pi multiples of the "
+                   "input where the unwrapper guarantees it)."})
     if options.fieldmap_method == "waterfat":
         water_fat = {"SkullStripped": True, "Units": "arbitrary", **acquisition}
-        ds_water = sink("ds_water", "M0map", ["field_metadata"], desc="water", metadata={
+        sink("ds_water", "water", "M0map", ["field_metadata"], desc="water", metadata={
             **water_fat, "Description": "Water signal amplitude |W| at TE = 0 from the "
             "water-fat separation."})
-        ds_fat = sink("ds_fat", "M0map", ["field_metadata"], desc="fat", metadata={
+        sink("ds_fat", "fat", "M0map", ["field_metadata"], desc="fat", metadata={
             **water_fat, "Description": "Fat signal amplitude |F| at TE = 0 (all fat peaks) "
             "from the water-fat separation."})
-        ds_pdff = sink("ds_pdff", "PDFFmap", ["field_metadata"], metadata={
+        sink("ds_pdff", "pdff", "PDFFmap", ["field_metadata"], metadata={
             **water_fat, "Units": "percent", "Description": "Proton-density fat fraction "
             "from the water-fat separation by magnitude discrimination (Liu et al. 2007): "
             "100 (1 - |W| / |W + F|) where |W| >= |F|, else 100 |F| / |W + F| (free of the "
             "noise bias of |F| / (|W| + |F|)); 100 |F| / (|W| + |F|) where W and F are more "
             "than 90 degrees apart and the smaller amplitude exceeds 3 standard deviations "
             "of its noise."})
-        workflow.connect([
-            (inputnode, ds_water, [("water", "in_file")]),
-            (inputnode, ds_fat, [("fat", "in_file")]),
-            (inputnode, ds_pdff, [("pdff", "in_file")]),
-        ])
-    workflow.connect([
-        (inputnode, ds_field, [("field_hz", "in_file")]),
-        (inputnode, ds_field_mag, [("field_magnitude", "in_file")]),
-        (inputnode, ds_unwrapped, [("unwrapped_phase", "in_file")]),
-    ])
     if not qsm:
         return workflow
     # without background removal (total field inversion) there is no local field to write
-    ds_local = None if options.bfr_method == "none" else sink(
-        "ds_local_field", "localfield", field_fields + ["bfr_metadata"],
-        metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
-                  "Description": "Local (tissue) field after background field removal."})
-    ds_qsm_mask = sink("ds_qsm_mask", "mask", ["bfr_metadata"], desc="qsm",
-                       metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
-                                 "Description": "Mask on which the local "
-                                 "field and susceptibility are valid (eroded by background "
-                                 "field removal)."})
+    if options.bfr_method != "none":
+        sink("ds_local_field", "local_field_hz", "localfield", field_fields + ["bfr_metadata"],
+             metadata={"Units": "Hz", "SkullStripped": True, **acquisition,
+                       "Description": "Local (tissue) field after background field removal."})
+    sink("ds_qsm_mask", "eroded_mask", "mask", ["bfr_metadata"], desc="qsm",
+         metadata={"Type": "Brain" if options.mask_type == "brain" else "ROI",
+                   "Description": "Mask on which the local field and susceptibility are "
+                   "valid (eroded by background field removal)."})
     steps = (options.fieldmap_method, options.unwrap_method, options.bfr_method,
              options.inversion_method)
-    ds_chi = sink("ds_chimap", "Chimap", field_fields + ["bfr_metadata", "inversion_metadata",
-                                                         "reference_metadata"],
-                  metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
-                            "Description": "Magnetic susceptibility (ppm).",
-                            "EstimationAlgorithm": " -> ".join(steps),
-                            "EstimationReference": " ".join(reference(s) for s in steps)})
+    sink("ds_chimap", "chi", "Chimap",
+         field_fields + ["bfr_metadata", "inversion_metadata", "reference_metadata"],
+         metadata={"Units": "ppm", "SkullStripped": True, **acquisition,
+                   "Description": "Magnetic susceptibility (ppm).",
+                   "EstimationAlgorithm": " -> ".join(steps),
+                   "EstimationReference": " ".join(reference(s) for s in steps)})
     if options.swi:
-        ds_swi = sink("ds_swi", "swi", ["swi_metadata"], metadata={
+        sink("ds_swi", "swi", "swi", ["swi_metadata"], metadata={
             "Units": "arbitrary", "SkullStripped": False, **acquisition,
             "Description": "Susceptibility-weighted image: echo-combined magnitude times the "
             "fourth power of the negative high-pass phase mask."})
-        ds_minip = sink("ds_minip", "minIP", ["swi_metadata"], metadata={
+        sink("ds_minip", "minip", "minIP", ["swi_metadata"], metadata={
             "Units": "arbitrary", "SkullStripped": False,
             "Description": "Sliding-slab minimum intensity projection of the SWI."})
-        ds_mip = sink("ds_chimap_mip", "Chimap", ["swi_metadata"], desc="mip", metadata={
+        sink("ds_chimap_mip", "chi_mip", "Chimap", ["swi_metadata"], desc="mip", metadata={
             "Units": "ppm", "SkullStripped": True,
             "Description": "QSM venography: sliding-slab maximum intensity projection of the "
             "susceptibility map."})
-        workflow.connect([
-            (inputnode, ds_swi, [("swi", "in_file")]),
-            (inputnode, ds_minip, [("minip", "in_file")]),
-            (inputnode, ds_mip, [("chi_mip", "in_file")]),
-        ])
-    workflow.connect([
-        (inputnode, ds_qsm_mask, [("eroded_mask", "in_file")]),
-        (inputnode, ds_chi, [("chi", "in_file")]),
-    ])
-    if ds_local is not None:
-        workflow.connect(inputnode, "local_field_hz", ds_local, "in_file")
     return workflow

@@ -50,8 +50,6 @@ DEFAULT_FILTER_SIZE_MM = 12.0
 # ---------------------------------------------------------------------------------------
 
 
-
-
 def _filter_sizes(filter_size_mm: float | Sequence[float]) -> np.ndarray:
     sizes = np.broadcast_to(np.asarray(filter_size_mm, dtype=float), (3,)).copy()
     if not np.all(np.isfinite(sizes)) or np.any(sizes < 0) or not np.any(sizes > 0):

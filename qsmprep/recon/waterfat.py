@@ -2024,10 +2024,10 @@ def separate(
     else:
         sigma2 = fieldmap._sigma2_from_smoothness(field, var_map, mask, None)
         noise = np.sqrt(sigma2 * var_map)
-    water_sd, fat_sd = np.ones(shape, np.float32), np.ones(shape, np.float32)
-    water_sd[mask], fat_sd[mask] = _amplitude_sd(
-        r2_v, times, c, sigma2[mask] if np.ndim(sigma2) else sigma2)
-    pdff = fat_fraction(water, fat, water_sd=water_sd, fat_sd=fat_sd)
+    water_sd, fat_sd = _amplitude_sd(r2_v, times, c,
+                                     sigma2[mask] if np.ndim(sigma2) else sigma2)
+    pdff = empty.copy()
+    pdff[mask] = fat_fraction(rho_w, rho_f, water_sd=water_sd, fat_sd=fat_sd)
     noise = np.where(mask, noise, 0).astype(np.float32)
     noise[mask & ~np.isfinite(var_map)] = np.float32(period)
 
