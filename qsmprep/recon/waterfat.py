@@ -96,6 +96,7 @@ from scipy import ndimage
 from . import fieldmap
 from . import mask as mask_module
 from . import unwrap as unwrap_module
+from ._jit import run_in_blocks
 from .dipole import GAMMA_BAR_MHZ_PER_T, check_b0_tesla
 
 LOGGER = logging.getLogger("qsmprep")
@@ -495,7 +496,7 @@ def _grid_chunks(s, times, c, psis, r2s, chunk):
         projected = (features @ kernel).reshape(stop - start, n_r, n_q)
         best = np.empty((stop - start, n_q), np.float32)
         index = np.empty((stop - start, n_q), np.int16)
-        _best_over_r2star(projected, r2_grid, best, index)
+        run_in_blocks(_best_over_r2star, (projected, best, index), r2_grid)
         cost = np.clip(1.0 - best, 0.0, 1.0, out=best)
         cost[energy <= 0] = 1.0
         yield start, stop, cost, index, energy
@@ -532,14 +533,14 @@ def _grid_best(voxels, times, c, psis, r2s, chunk: int = 16384):
     return psis[best], r2s[index[rows, best]], cost[rows, best], energy
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _best_over_r2star(projected, r2s, value, index):  # pragma: no cover - compiled
+@numba.njit(cache=True, nogil=True)
+def _best_over_r2star(projected, value, index, r2s):  # pragma: no cover - compiled
     """Maximum over R2* of ``projected`` (N, R, Q) into ``value`` (N, Q), its grid index into
     ``index``: between grid points, the vertex of the parabola through the best R2* point and
     its two neighbours (non-uniform grid), at least the grid maximum; at the grid's ends the
     grid maximum."""
     n_vox, n_r, n_q = projected.shape
-    for v in numba.prange(n_vox):
+    for v in range(n_vox):
         for q in range(n_q):
             value[v, q] = projected[v, 0, q]
             index[v, q] = 0
@@ -1509,10 +1510,6 @@ GRAPHCUT_SCALE = 300.0
 # ---------------------------------------------------------------------------------------
 
 
-#: voxels per work item of the compiled refinement (scratch arrays are per item)
-REFINE_BLOCK = 256
-
-
 @numba.njit(cache=True, nogil=True)
 def _basis_fit(s, t, c, psi, r2, a1, a2, res):  # pragma: no cover - compiled
     """VARPRO at one voxel and (psi Hz, R2* 1/s): fills the water and fat bases ``a1``, ``a2``
@@ -1568,58 +1565,57 @@ def _r2star_jacobian(s, t, a1, a2, res, h11, h22, h12, det):  # pragma: no cover
     return norm, z
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _refine_voxels(s, t, c, psi, r2, max_iter, r2_lo, r2_hi, tol_hz,  # pragma: no cover
-                   max_shift_hz, out_psi, out_r2, out_w, out_f, out_cost, out_var_psi,
-                   out_var_r2):
-    """Levenberg-Marquardt over the voxels of ``s`` (N, E), in parallel blocks of
-    ``REFINE_BLOCK``; writes the ``out_*`` arrays (see :func:`varpro_refine`)."""
+@numba.njit(cache=True, nogil=True)
+def _refine_voxels(s, psi, r2, out_psi, out_r2, out_w, out_f, out_cost,  # pragma: no cover
+                   out_var_psi, out_var_r2, t, c, max_iter, r2_lo, r2_hi, tol_hz,
+                   max_shift_hz):
+    """Levenberg-Marquardt over the voxels of ``s`` (N, E); writes the ``out_*`` arrays
+    (see :func:`varpro_refine`)."""
     n_vox, n_e = s.shape
-    for block in numba.prange((n_vox + REFINE_BLOCK - 1) // REFINE_BLOCK):
-        sv = np.empty(n_e, np.complex128)
-        a1 = np.empty(n_e, np.complex128)
-        a2 = np.empty(n_e, np.complex128)
-        res = np.empty(n_e, np.complex128)
-        t1 = np.empty(n_e, np.complex128)
-        t2 = np.empty(n_e, np.complex128)
-        t_res = np.empty(n_e, np.complex128)
-        for v in range(block * REFINE_BLOCK, min(n_vox, (block + 1) * REFINE_BLOCK)):
-            for e in range(n_e):
-                sv[e] = s[v, e]
-            p = psi[v]
-            r = min(max(r2[v], r2_lo), r2_hi)
-            w, f, h11, h22, h12, det, cost = _basis_fit(sv, t, c, p, r, a1, a2, res)
-            damping = 1e-3
-            for _ in range(max_iter):
-                norm, z = _r2star_jacobian(sv, t, a1, a2, res, h11, h22, h12, det)
-                step_psi = 0.0
-                step_r2 = 0.0
-                if norm > 0:
-                    step_psi = z.imag / (_TWO_PI * norm * (1.0 + damping))
-                    step_r2 = -z.real / (norm * (1.0 + damping))
-                new_psi = p + step_psi
-                new_r2 = min(max(r + step_r2, r2_lo), r2_hi)
-                trial = _basis_fit(sv, t, c, new_psi, new_r2, t1, t2, t_res)
-                better = trial[6] <= cost and abs(new_psi - psi[v]) <= max_shift_hz
-                if better:
-                    p, r = new_psi, new_r2
-                    w, f, h11, h22, h12, det, cost = trial
-                    a1[:] = t1
-                    a2[:] = t2
-                    res[:] = t_res
-                    damping = max(damping / 3.0, 1e-7)
-                else:
-                    damping *= 4.0
-                if (better and abs(step_psi) < tol_hz) or damping > 1e6:
-                    break
-            norm = _r2star_jacobian(sv, t, a1, a2, res, h11, h22, h12, det)[0]
-            out_psi[v] = p
-            out_r2[v] = r
-            out_w[v] = w
-            out_f[v] = f
-            out_cost[v] = cost
-            out_var_psi[v] = 1.0 / (_TWO_PI ** 2 * norm) if norm > 0 else np.inf
-            out_var_r2[v] = 1.0 / norm if norm > 0 else np.inf
+    sv = np.empty(n_e, np.complex128)
+    a1 = np.empty(n_e, np.complex128)
+    a2 = np.empty(n_e, np.complex128)
+    res = np.empty(n_e, np.complex128)
+    t1 = np.empty(n_e, np.complex128)
+    t2 = np.empty(n_e, np.complex128)
+    t_res = np.empty(n_e, np.complex128)
+    for v in range(n_vox):
+        for e in range(n_e):
+            sv[e] = s[v, e]
+        p = psi[v]
+        r = min(max(r2[v], r2_lo), r2_hi)
+        w, f, h11, h22, h12, det, cost = _basis_fit(sv, t, c, p, r, a1, a2, res)
+        damping = 1e-3
+        for _ in range(max_iter):
+            norm, z = _r2star_jacobian(sv, t, a1, a2, res, h11, h22, h12, det)
+            step_psi = 0.0
+            step_r2 = 0.0
+            if norm > 0:
+                step_psi = z.imag / (_TWO_PI * norm * (1.0 + damping))
+                step_r2 = -z.real / (norm * (1.0 + damping))
+            new_psi = p + step_psi
+            new_r2 = min(max(r + step_r2, r2_lo), r2_hi)
+            trial = _basis_fit(sv, t, c, new_psi, new_r2, t1, t2, t_res)
+            better = trial[6] <= cost and abs(new_psi - psi[v]) <= max_shift_hz
+            if better:
+                p, r = new_psi, new_r2
+                w, f, h11, h22, h12, det, cost = trial
+                a1[:] = t1
+                a2[:] = t2
+                res[:] = t_res
+                damping = max(damping / 3.0, 1e-7)
+            else:
+                damping *= 4.0
+            if (better and abs(step_psi) < tol_hz) or damping > 1e6:
+                break
+        norm = _r2star_jacobian(sv, t, a1, a2, res, h11, h22, h12, det)[0]
+        out_psi[v] = p
+        out_r2[v] = r
+        out_w[v] = w
+        out_f[v] = f
+        out_cost[v] = cost
+        out_var_psi[v] = 1.0 / (_TWO_PI ** 2 * norm) if norm > 0 else np.inf
+        out_var_r2[v] = 1.0 / norm if norm > 0 else np.inf
 
 
 def varpro_refine(
@@ -1650,10 +1646,11 @@ def varpro_refine(
     outputs = [np.empty(n_vox, dtype) for dtype in (np.float64, np.float64, np.complex128,
                                                     np.complex128, np.float64, np.float64,
                                                     np.float64)]
-    _refine_voxels(np.ascontiguousarray(s), np.asarray(times, np.float64),
-                   np.asarray(c, np.complex128), np.asarray(psi, np.float64),
-                   np.asarray(r2, np.float64), int(max_iter), float(r2star_bounds[0]),
-                   float(r2star_bounds[1]), float(tol_hz), float(max_shift_hz), *outputs)
+    run_in_blocks(_refine_voxels, (np.ascontiguousarray(s), np.asarray(psi, np.float64),
+                                   np.asarray(r2, np.float64), *outputs),
+                  np.asarray(times, np.float64), np.asarray(c, np.complex128), int(max_iter),
+                  float(r2star_bounds[0]), float(r2star_bounds[1]), float(tol_hz),
+                  float(max_shift_hz))
     return tuple(outputs)
 
 
