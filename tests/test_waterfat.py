@@ -571,8 +571,9 @@ def test_ismrm2012_challenge_fat_fraction(case, voxel_size, record_property):
     A swapped region is a connected patch (in the eval mask) of voxels whose PDFF is off by
     more than 30 points. The model-limited oracle (the local minimum per voxel closest to
     the reference) still leaves such patches of up to 10 voxels at tissue edges; the graph
-    cut leaves one of 28-32 voxels (72 mm^2 in one slice, partial volume next to bowel gas
-    in case 12), the multi-resolution ICM 1184 (spleen/liver): up to 40 voxels pass.
+    cut leaves one of 27-32 voxels in case 12 (61 mm^2 in edge slice 0, next to bowel gas:
+    echo magnitudes that fit no water-fat signal, a swap partner the data reject; RESULTS.md,
+    session 17), the multi-resolution ICM 1103-1184 (a spleen/liver swap): up to 40 pass.
     """
     images, te, b0, sign, reference, evaluation = _ismrm_case(case)
     result, mae, largest = _separate_and_score(images, te, b0, reference, evaluation,
