@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from qsmprep.recon import waterfat as wf
+from qsmprep.recon.dipole import ppm_to_hz
 from qsmprep.simulate import body, trabecular
 
 
@@ -208,7 +209,7 @@ def _describe_patch(patch, img, te, b0, sign, field_hz, scored) -> None:
     data = img if sign == 1 else np.conj(img)
     voxels = data[patch]
     c = wf.fat_signal(te, b0, "ismrm")
-    main = wf.fat_frequencies_hz("ismrm", b0)[np.argmax(wf.get_fat_model("ismrm").amplitude)]
+    main = ppm_to_hz(wf.get_fat_model("ismrm").main_ppm, b0)  # main fat peak, Hz
     energy = np.sum(np.abs(voxels) ** 2, axis=1)
     relative = [wf.varpro_refine(voxels, te, c, psi, np.full(psi.shape, 50.0),
                                  max_shift_hz=3.0)[4] / energy

@@ -66,8 +66,9 @@ Pipeline of :func:`separate`:
    ``(psi, R2*)`` (Kaufman's Jacobian ``-(I - P) dA/dtheta rho``), amplitudes by linear
    least squares; non-uniform echo spacing needs nothing special. The psi column of the
    Jacobian is ``-2 pi i`` times the R2* column, so ``Re(J^H J)`` is diagonal and each LM
-   step is two divisions. Compiled (numba) and parallel over voxels, like the grid search's
-   maximum over R2*: 96x96x48 x 9 echoes in 7.3 s, not 18.7, on this 2-core host (RESULTS.md).
+   step is two divisions. Compiled (numba) and run in threads over blocks of voxels, like
+   the grid search's maximum over R2*: 96x96x48 x 9 echoes in 6.4-7.3 s, not 18.7, on a
+   2-core host (RESULTS.md).
 6. **Noise and swaps.** Field standard deviation ``sqrt(sigma^2 [Re(J^H J)]^-1_psi)`` with
    ``sigma^2`` from the local residuals (``||r||^2 / (2E - 6)``; three echoes: from the
    map's spatial smoothness); :func:`detect_swaps` flags voxels whose field departs from its
@@ -1635,8 +1636,8 @@ def varpro_refine(
     Steps that would move psi more than ``max_shift_hz`` from its start are refused: the
     refinement stays at the local minimum the grid search and the regularisation chose
     (a voxel whose residual is nearly flat in psi could otherwise walk off by kHz).
-    ``max_iter=0`` evaluates the start. Compiled (numba), in parallel over voxels, O(E)
-    memory per thread.
+    ``max_iter=0`` evaluates the start. Compiled (numba), threads over blocks of voxels
+    (:func:`qsmprep.recon._jit.run_in_blocks`), O(E) memory per thread.
 
     ``s`` (N, E) complex. Returns ``psi, r2, rho_w, rho_f, cost, var_psi_unit, var_r2_unit``
     with ``cost = ||r||^2`` and ``var_*_unit`` the diagonal of ``[Re(J^H J)]^-1`` (multiply
